@@ -1,0 +1,43 @@
+# Selective Prompt Anchoring harness. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CUDA boxes keep the registry's CUDA build of torch; elsewhere the CPU build 2.13.0
+# (several GB of CUDA libraries are useless without a GPU). Override with TORCH_SPEC=...
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+TORCH_SPEC ?= torch
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+# Offline data shipped beside the checkout (see README "Data").
+SPA_DATA_DIR ?= $(abspath ../shared/data)
+export SPA_DATA_DIR
+LAUNCHER ?= basic
+PYTEST_ARGS ?=
+
+.PHONY: help install test bench demo reproduce tables figures clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv/ and install the harness with its dependencies
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,quant]"
+	touch $@
+
+test: install  ## run the test suite (CPU, offline)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install  ## decoding and executor benchmarks -> results/bench/*.json
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(PY) scripts/bench_decoding.py
+
+clean:  ## remove the venv and caches (never results/)
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
