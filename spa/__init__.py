@@ -1,0 +1,29 @@
+"""Selective Prompt Anchoring (SPA): exact batched decoding for Hugging Face causal LMs.
+
+    import spa
+    new_ids = spa.decode(model, prompts, anchor_masks, omega=1.3, mask_token_id=..., max_new_tokens=256)
+    texts = spa.generate(model, tokenizer, ["<anchor>Sort the list.</anchor>\\ndef f(xs):"], omega=1.3, max_new_tokens=64)
+"""
+
+from spa.engine import Sampling, combine_logits, decode
+from spa.hf import SPALogitsProcessor
+from spa.loading import build_tiny_model, load_model, load_tokenizer
+from spa.masking import masked_prompt_ids, resolve_mask_token_id
+from spa.text import AnchoredPrompt, anchor_prompt, generate, resolve_add_bos, tokenize_anchored
+
+__all__ = [
+    "AnchoredPrompt",
+    "SPALogitsProcessor",
+    "Sampling",
+    "anchor_prompt",
+    "build_tiny_model",
+    "combine_logits",
+    "decode",
+    "generate",
+    "load_model",
+    "load_tokenizer",
+    "masked_prompt_ids",
+    "resolve_add_bos",
+    "resolve_mask_token_id",
+    "tokenize_anchored",
+]

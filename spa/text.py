@@ -1,0 +1,257 @@
+"""Text-level SPA: prompts with anchors -> token ids with an anchor mask -> generated text.
+
+Anchors come in the four input formats of the authors' ``anchoring`` package:
+
+1. a string prompt and character spans ``[(start, end), ...]``;
+2. a string prompt and substrings ``["text to anchor", ...]`` (every occurrence is anchored);
+3. a string prompt with inline tags: ``"... <anchor>text to anchor</anchor> ..."``;
+4. chat messages ``[{"role": ..., "content": ..., "anchors": [...]}, ...]`` rendered with the
+   tokenizer's chat template; a message's anchors are substrings or spans of its content, or inline tags.
+
+Unlike the package, anchors are never found by string replacement (which changes the token count):
+the prompt is tokenized once, and a token is anchored iff its character offsets overlap an anchored
+character span. BOS is handled explicitly (see :func:`resolve_add_bos`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from transformers import StopStringCriteria
+
+from eval.errors import ConfigError
+from spa.engine import decode
+from spa.masking import resolve_mask_token_id
+
+CharSpan = tuple[int, int]
+Anchors = Union[Sequence[CharSpan], Sequence[str], None]
+Message = dict
+PromptInput = Union[str, Sequence[Message]]
+
+_TAG = re.compile(r"<anchor>(.*?)</anchor>", flags=re.DOTALL)
+
+
+@dataclass(frozen=True)
+class AnchoredPrompt:
+    """A prompt ready for :func:`spa.decode`: its text, anchored character spans, ids and anchor mask."""
+
+    text: str
+    anchor_spans: tuple[CharSpan, ...]
+    input_ids: list[int]
+    anchor_mask: list[bool]
+    offsets: list[CharSpan]
+
+    @property
+    def anchored_text(self) -> list[str]:
+        return [self.text[start:end] for start, end in self.anchor_spans]
+
+
+def merge_spans(spans: Sequence[CharSpan]) -> tuple[CharSpan, ...]:
+    """Sorted, non-empty, non-overlapping spans (overlapping or touching spans are merged)."""
+    merged: list[list[int]] = []
+    for start, end in sorted((int(s), int(e)) for s, e in spans if e > s):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple((s, e) for s, e in merged)
+
+
+def _strip_tags(text: str) -> tuple[str, list[CharSpan]]:
+    """Remove ``<anchor>`` tags, returning the clean text and the tagged spans inside it."""
+    pieces, spans, cursor, clean_length = [], [], 0, 0
+    for match in _TAG.finditer(text):
+        pieces.append(text[cursor : match.start()])
+        clean_length += match.start() - cursor
+        spans.append((clean_length, clean_length + len(match.group(1))))
+        pieces.append(match.group(1))
+        clean_length += len(match.group(1))
+        cursor = match.end()
+    pieces.append(text[cursor:])
+    clean = "".join(pieces)
+    if "<anchor>" in clean or "</anchor>" in clean:
+        raise ConfigError(
+            "Unbalanced or nested <anchor> tags in prompt: every <anchor> needs a matching </anchor> and tags "
+            f"cannot nest. Offending text near: {clean[max(0, clean.find('anchor>') - 30):][:80]!r}"
+        )
+    return clean, spans
+
+
+def _resolve_anchors(text: str, anchors: Anchors) -> tuple[str, list[CharSpan]]:
+    """Clean text (tags removed) and the anchored character spans in it, for one string."""
+    clean, spans = _strip_tags(text)
+    for anchor in anchors or ():
+        if isinstance(anchor, str):
+            if not anchor.strip():
+                continue
+            found = [(m.start(), m.start() + len(anchor)) for m in re.finditer(re.escape(anchor), clean)]
+            if not found:
+                raise ConfigError(
+                    f"Anchor substring {anchor[:60]!r} does not occur in the prompt. Anchors must be exact "
+                    "substrings of the prompt text (after removing <anchor> tags)."
+                )
+            spans.extend(found)
+        else:
+            start, end = anchor
+            if not 0 <= start <= end <= len(clean):
+                raise ConfigError(
+                    f"Anchor span {(start, end)} lies outside the prompt (length {len(clean)}). Spans are "
+                    "half-open character offsets into the prompt text."
+                )
+            spans.append((start, end))
+    return clean, spans
+
+
+def render(tokenizer, prompt: PromptInput, anchors: Anchors = None, *, add_generation_prompt: bool = True) -> tuple[str, tuple[CharSpan, ...]]:
+    """The prompt as the model sees it (chat template applied to messages) and its anchored spans.
+
+    ``anchors`` are global: for messages they apply to every message's content, in addition to the
+    message's own ``"anchors"`` and inline tags.
+    """
+    if isinstance(prompt, str):
+        text, spans = _resolve_anchors(prompt, anchors)
+        return text, merge_spans(spans)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"Chat messages were given but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat "
+            "template. Pass a plain string prompt for base models, or a tokenizer that has a chat template."
+        )
+    cleaned, message_spans = [], []
+    for message in prompt:
+        own = list(message.get("anchors", ()))
+        content, spans = _resolve_anchors(message.get("content", ""), [*(anchors or ()), *own])
+        cleaned.append({k: v for k, v in message.items() if k != "anchors"} | {"content": content})
+        message_spans.append(spans)
+    text = tokenizer.apply_chat_template(cleaned, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # Relocate each message's spans: its content appears verbatim, in order, in the rendered text.
+    spans, cursor = [], 0
+    for message, local in zip(cleaned, message_spans):
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            if local:
+                raise ConfigError(
+                    "The chat template changed a message's content (e.g. stripped it), so its anchors cannot "
+                    f"be located in the rendered prompt. Message starts with {message['content'][:60]!r}; "
+                    "remove leading/trailing whitespace from the content or anchor a substring instead."
+                )
+            continue
+        spans.extend((start + s, start + e) for s, e in local)
+        cursor = start + len(message["content"])
+    return text, merge_spans(spans)
+
+
+def _tokenizer_config_value(tokenizer, key: str):
+    """A value from the tokenizer's own tokenizer_config.json (transformers 5 drops some, e.g. add_bos_token)."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(tokenizer.name_or_path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+    except Exception:  # no file, or no network for a hub id: fall back to the tokenizer's behaviour
+        return None
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get(key)
+
+
+def resolve_add_bos(tokenizer, add_bos: bool | None = None) -> bool:
+    """Whether the model expects a BOS token in front of the prompt.
+
+    Explicit ``add_bos`` wins. Otherwise the tokenizer_config.json's ``add_bos_token`` decides, as it
+    did under transformers 4.x: DeepSeek-Coder's tokenizer says ``true`` but transformers 5.x loads it as
+    a byte-level backend that no longer adds BOS, while the model was trained with it. Failing that,
+    whatever the tokenizer's own encode does.
+    """
+    if add_bos is not None:
+        return bool(add_bos)
+    if tokenizer.bos_token_id is None:
+        return False
+    configured = _tokenizer_config_value(tokenizer, "add_bos_token")
+    if configured is not None:
+        return bool(configured)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def tokenize_anchored(tokenizer, text: str, anchor_spans: Sequence[CharSpan], *, add_bos: bool | None = None) -> AnchoredPrompt:
+    """Tokenize ``text`` once and mark every token whose offsets overlap an anchored span."""
+    spans = merge_spans(anchor_spans)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    if resolve_add_bos(tokenizer, add_bos) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+    # Zero-width tokens (BOS, other specials) never overlap a span.
+    anchor_mask = [any(s < span_end and span_start < e for span_start, span_end in spans) for s, e in offsets]
+    return AnchoredPrompt(text=text, anchor_spans=spans, input_ids=ids, anchor_mask=anchor_mask, offsets=offsets)
+
+
+def anchor_prompt(
+    tokenizer, prompt: PromptInput, anchors: Anchors = None, *, add_bos: bool | None = None, add_generation_prompt: bool = True
+) -> AnchoredPrompt:
+    """Any of the four anchor formats -> :class:`AnchoredPrompt`."""
+    text, spans = render(tokenizer, prompt, anchors, add_generation_prompt=add_generation_prompt)
+    return tokenize_anchored(tokenizer, text, spans, add_bos=add_bos)
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (excluding) the earliest stop string, as EvalPlus truncates completions."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[PromptInput | AnchoredPrompt],
+    anchors: Sequence[Anchors] | None = None,
+    *,
+    omega: float,
+    max_new_tokens: int,
+    mask_token: str | int | None = "auto",
+    stop_strings: Sequence[str] = (),
+    eos_token_id: int | Sequence[int] | None = None,
+    add_bos: bool | None = None,
+    batch_size: int | None = None,
+    masking: str = "token",
+    modulated_by_prob: bool = False,
+    progress: bool = False,
+    **sampling,
+) -> list[str]:
+    """Generate text for each prompt with SPA; returns the new text of each sequence.
+
+    ``anchors`` holds one anchor list (spans or substrings) per prompt; inline tags and per-message
+    anchors need none. Prompts already anchored (:class:`AnchoredPrompt`) are used as they are. Decoding stops at the
+    tokenizer's EOS (unless ``eos_token_id`` is given) or at a stop string, which is cut off.
+    """
+    if anchors is not None and len(anchors) != len(prompts):
+        raise ValueError(f"anchors must hold one entry per prompt: {len(anchors)} for {len(prompts)} prompts")
+    per_prompt = anchors if anchors is not None else [None] * len(prompts)
+    anchored = [
+        p if isinstance(p, AnchoredPrompt) else anchor_prompt(tokenizer, p, a, add_bos=add_bos)
+        for p, a in zip(prompts, per_prompt)
+    ]
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    criteria = [StopStringCriteria(tokenizer, list(stop_strings))] if stop_strings else []
+    ids = decode(
+        model,
+        [a.input_ids for a in anchored],
+        [a.anchor_mask for a in anchored],
+        omega=omega,
+        mask_token_id=resolve_mask_token_id(tokenizer, mask_token),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        batch_size=batch_size,
+        masking=masking,
+        modulated_by_prob=modulated_by_prob,
+        stopping_criteria=criteria,
+        progress=progress,
+        **sampling,
+    )
+    return [truncate_at_stop(tokenizer.decode(seq, skip_special_tokens=True), stop_strings) for seq in ids]
+

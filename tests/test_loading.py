@@ -1,0 +1,64 @@
+"""Model loading: local paths, dtypes, 8-bit bitsandbytes on CPU (the paper's setting), clear errors."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+
+import spa
+from eval.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer_dir, tmp_path_factory):
+    # Wide enough layers that bitsandbytes' int8 path is exercised as on a real model.
+    return spa.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer_dir("deepseek-coder-instruct"),
+                                hidden_size=128, intermediate_size=256)
+
+
+def test_tiny_model_is_reused_and_loads_with_its_tokenizer(tiny_dir, tokenizer_dir):
+    stamp = (tiny_dir / "tiny_recipe.json").stat().st_mtime_ns
+    assert spa.build_tiny_model(tiny_dir, tokenizer_dir("deepseek-coder-instruct"), hidden_size=128, intermediate_size=256) == tiny_dir
+    assert (tiny_dir / "tiny_recipe.json").stat().st_mtime_ns == stamp, "an identical recipe must not be rebuilt"
+    tokenizer = spa.load_tokenizer(str(tiny_dir))
+    assert spa.resolve_add_bos(tokenizer) is True, "the copied tokenizer_config keeps DeepSeek's add_bos_token"
+    model = spa.load_model(str(tiny_dir), dtype="bf16")
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert model.config.vocab_size == 32064 and model.config.vocab_size >= len(tokenizer)
+
+
+def test_8bit_weights_on_cpu(tiny_dir):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    reference = spa.load_model(str(tiny_dir), dtype="fp32")
+    quantized = spa.load_model(str(tiny_dir), dtype="fp32", quantization="8bit")
+    int8_layers = [m for m in quantized.modules() if isinstance(m, bitsandbytes.nn.Linear8bitLt)]
+    assert len(int8_layers) >= 7 * quantized.config.num_hidden_layers
+    assert int8_layers[0].weight.dtype == torch.int8
+    ids = torch.tensor([[32013, 10, 200, 3000, 42, 7, 99]])
+    with torch.no_grad():
+        diff = (quantized(ids).logits.float() - reference(ids).logits).abs().max().item()
+    assert 0 < diff < 0.05
+    out = spa.decode(quantized, [ids[0].tolist()], [[False, False, True, True, False, False, False]], omega=1.3,
+                     mask_token_id=32014, max_new_tokens=5)
+    assert len(out[0]) == 5
+
+
+def test_clear_errors(tiny_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="Unknown quantization"):
+        spa.load_model(str(tiny_dir), quantization="3bit")
+    with pytest.raises(ConfigError, match="Unknown dtype"):
+        spa.load_model(str(tiny_dir), dtype="float8")
+    with pytest.raises(ConfigError, match="Could not load model"):
+        spa.load_model(str(tiny_dir / "missing"))
+    real_import = builtins.__import__
+
+    def without_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
+    with pytest.raises(ConfigError, match="needs bitsandbytes"):
+        spa.load_model(str(tiny_dir), quantization="8bit")
