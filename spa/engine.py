@@ -13,6 +13,7 @@ decoding costs.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -112,6 +113,27 @@ def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+_AFFINE_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def head_is_affine(model) -> bool:
+    """Whether the model's logits are exactly ``lm_head(last hidden state)`` (no soft-capping etc.).
+
+    Checked once per model on a short input: the causal-LM forward against the decoder plus head.
+    """
+    if model not in _AFFINE_HEAD:
+        head = model.get_output_embeddings()
+        affine = isinstance(head, torch.nn.Linear) and getattr(model, "base_model", model) is not model
+        if affine:
+            ids = torch.arange(1, 6, device=model_device(model))[None] % model.config.vocab_size
+            full = model(input_ids=ids).logits.double()
+            split = head(model.base_model(input_ids=ids).last_hidden_state).double()
+            affine = torch.allclose(full, split, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+        _AFFINE_HEAD[model] = affine
+    return _AFFINE_HEAD[model]
+
+
 def decode(
     model,
     prompts: Sequence[Sequence[int]],
@@ -193,6 +215,15 @@ def decode(
     return results
 
 
+def _shared_prefix_length(view_ids: torch.Tensor, view_attention: torch.Tensor) -> int:
+    """Leading columns where both views of every sequence agree (ids and mask): prefilled once, then copied."""
+    same = (view_ids[0::2] == view_ids[1::2]) & (view_attention[0::2] == view_attention[1::2])
+    differs = (~same).any(dim=0).nonzero()
+    width = view_ids.shape[1]
+    # At least the last column is left for the paired prefill, which yields the first logits.
+    return min(int(differs[0]) if differs.numel() else width, width - 1)
+
+
 @torch.inference_mode()
 def _decode_chunk(
     model,
@@ -213,34 +244,55 @@ def _decode_chunk(
     n = len(prompts)
     width = max(map(len, prompts))
     # The views that contribute: omega = 1 is the plain model, omega = 0 the masked prompt alone.
-    need_original = omega != 0.0
-    need_masked = omega != 1.0
-    pad_id = mask_token_id
+    views = [v for v, needed in (("original", omega != 0.0), ("masked", omega != 1.0)) if needed]
+    n_views = len(views)
 
-    def left_pad(rows: list[list], fill) -> list[list]:
-        return [[fill] * (width - len(row)) + row for row in rows]
+    def left_pad(rows: list[list], fill) -> torch.Tensor:
+        return torch.tensor([[fill] * (width - len(row)) + list(row) for row in rows], device=device)
 
-    real = torch.tensor(left_pad([[True] * len(p) for p in prompts], False), device=device)
-    anchored = torch.tensor(left_pad(anchor_masks, False), device=device)
-    view_ids, view_attention = [], []
-    if need_original:
-        view_ids.append(left_pad(prompts, pad_id))
-        view_attention.append(real)
-    if need_masked:
-        if masking == "token":
-            view_ids.append(left_pad([masked_prompt_ids(p, m, mask_token_id) for p, m in zip(prompts, anchor_masks)], pad_id))
-            view_attention.append(real)
-        else:
-            view_ids.append(left_pad(prompts, pad_id))
-            view_attention.append(real & ~anchored)
-    n_views = len(view_ids)
-    input_ids = torch.tensor([row for rows in view_ids for row in rows], device=device)
-    attention = torch.cat(view_attention).long()
+    real = left_pad([[True] * len(p) for p in prompts], False)
+    anchored = left_pad(anchor_masks, False)
+    masked_ids = [masked_prompt_ids(p, m, mask_token_id) for p, m in zip(prompts, anchor_masks)] if masking == "token" else prompts
+    ids_of = {"original": left_pad(prompts, mask_token_id), "masked": left_pad(masked_ids, mask_token_id)}
+    attention_of = {"original": real, "masked": real & ~anchored if masking == "attention" else real}
+    # Rows are interleaved per sequence: [seq0 view0, seq0 view1, seq1 view0, ...].
+    input_ids = torch.stack([ids_of[v] for v in views], dim=1).flatten(0, 1)
+    attention = torch.stack([attention_of[v] for v in views], dim=1).flatten(0, 1).long()
     # Positions count real tokens only (anchoring never shifts them), identical for both views.
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0).repeat(n_views, 1)
-    # Without holes in the mask, passing none lets SDPA take its fast causal path.
-    if bool(attention.all()):
-        attention = None
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0).repeat_interleave(n_views, dim=0)
+    # The LM head is affine, so omega * W h_o + (1 - omega) * W h_m = W (omega * h_o + (1 - omega) * h_m):
+    # in full-precision models the head runs once per sequence on the combined hidden state. Half
+    # precision keeps the per-view logits, so that they are combined in float32 as the paper computes.
+    fused_head = (
+        n_views == 2
+        and not modulated_by_prob
+        and model.get_output_embeddings().weight.dtype in (torch.float32, torch.float64)
+        and head_is_affine(model)
+    )
+    logits_to_keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
+    cache = DynamicCache(config=model.config)
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One step over all rows -> float32 scores of each active sequence."""
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        if fused_head:
+            hidden = model.base_model(**kwargs).last_hidden_state[:, -1].float()
+            combined = omega * hidden[0::2] + (1.0 - omega) * hidden[1::2]
+            head = model.get_output_embeddings()
+            return head(combined.to(head.weight.dtype)).float()
+        logits = model(**kwargs, **logits_to_keep).logits[:, -1]
+        if n_views == 1:
+            return logits.float()
+        return combine_logits(logits[0::2], logits[1::2], omega, modulated_by_prob)
+
+    # Both views agree up to the first anchored token: that prefix is prefilled once and copied.
+    shared = _shared_prefix_length(input_ids, attention) if n_views == 2 else 0
+    if shared > 0:
+        prefix_rows = torch.arange(0, n * n_views, n_views, device=device)
+        model.base_model(input_ids=input_ids[prefix_rows, :shared], attention_mask=attention[prefix_rows, :shared],
+                         position_ids=positions[prefix_rows, :shared], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n_views)
+    scores = forward(input_ids[:, shared:], attention, positions[:, shared:])
 
     warpers = sampling.warpers() if sampling.do_sample else []
     generators = [sampling.generator(p, s, device) for p, s in sequence_keys] if sampling.do_sample else []
@@ -248,29 +300,11 @@ def _decode_chunk(
     generated = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
-
-    cache = DynamicCache(config=model.config)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        **extra,
-    )
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
-        logits = outputs.logits[:, -1, :]
-        n_active = active.numel()
-        if n_views == 2:
-            scores = combine_logits(logits[:n_active], logits[n_active:], omega, modulated_by_prob)
-        else:
-            scores = logits.float()
-        history = generated[active, : step]
         if sampling.do_sample:
             for warper in warpers:
-                scores = warper(history, scores)
+                scores = warper(generated[active, :step], scores)
             noise = torch.stack([torch.rand(scores.shape[-1], generator=generators[i], device=device) for i in active.tolist()])
             tokens = torch.argmax(F.log_softmax(scores, dim=-1) - torch.log(-torch.log(noise)), dim=-1)
         else:
@@ -287,19 +321,10 @@ def _decode_chunk(
             if keep.numel() == 0:
                 break
             active, tokens = active[keep], tokens[keep]
-            rows = torch.cat([keep + v * n_active for v in range(n_views)])
+            rows = (keep[:, None] * n_views + torch.arange(n_views, device=device)).flatten()
             cache.batch_select_indices(rows)
-            next_position = next_position[rows]
-            if attention is not None:
-                attention = attention[rows]
-        if attention is not None:
-            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
-        outputs = model(
-            input_ids=tokens.repeat(n_views).unsqueeze(-1),
-            attention_mask=attention,
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
+            next_position, attention = next_position[rows], attention[rows]
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
+        scores = forward(tokens.repeat_interleave(n_views).unsqueeze(-1), attention, next_position)
         next_position = next_position + 1
     return [generated[i, : lengths[i]].tolist() for i in range(n)]

@@ -162,3 +162,23 @@ def test_bad_arguments_raise():
         spa.decode(model, prompts, masks, omega=1.2, mask_token_id=MASK_ID, max_new_tokens=3, beams=2)
     with pytest.raises(Exception, match="masking"):
         spa.decode(model, prompts, masks, omega=1.2, mask_token_id=MASK_ID, max_new_tokens=3, masking="embedding")
+
+
+def test_unfused_head_path_equals_brute_force(monkeypatch):
+    """Half-precision models combine per-view logits instead of hidden states; both paths are exact."""
+    import spa.engine
+
+    model = make_tiny_model("codegen")  # CodeGen's head has a bias: the affine identity must hold with it
+    assert spa.engine.head_is_affine(model)
+    prompts, masks = random_prompts([11, 7])
+    fused = spa.decode(model, prompts, masks, omega=1.7, mask_token_id=MASK_ID, max_new_tokens=8)
+    monkeypatch.setattr(spa.engine, "head_is_affine", lambda model: False)
+    unfused = spa.decode(model, prompts, masks, omega=1.7, mask_token_id=MASK_ID, max_new_tokens=8)
+    assert fused == unfused == [brute_force(model, p, m, 1.7, 8) for p, m in zip(prompts, masks)]
+
+
+def test_no_anchored_token_means_plain_decoding():
+    model = make_tiny_model("llama")
+    prompts, _ = random_prompts([9, 6])
+    none = [[False] * len(p) for p in prompts]
+    assert spa.decode(model, prompts, none, omega=2.0, mask_token_id=MASK_ID, max_new_tokens=8) == [greedy_generate(model, p, 8) for p in prompts]

@@ -1,0 +1,46 @@
+"""Rebuild the paper's Tables 1-3 and Figures 2-4 from finished runs, beside the paper's numbers.
+
+    python scripts/aggregate.py [runs_dir=results/runs] [out_dir=results] [what=all|tables|figures]
+                                [cv_folds=5] [seed=0]
+
+Tables go to <out_dir>/tables/ (CSV, Markdown, LaTeX) and are printed; figures to
+<out_dir>/figures/ (PNG, PDF). Notes on missing cells and skipped figures go to stderr. Bad input
+exits with status 2 and a one-paragraph message, before anything is written. See docs/aggregation.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from eval.errors import HarnessError
+from eval.report import PAPER_DIR, Settings, aggregate, write_outputs
+
+
+@hydra.main(config_path="../configs", config_name="aggregate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        outputs = aggregate(
+            runs_dir=Path(to_absolute_path(cfg.runs_dir)),
+            out_dir=Path(to_absolute_path(cfg.out_dir)),
+            what=str(cfg.what),
+            settings=Settings.from_config(OmegaConf.to_container(cfg)),
+            paper_dir=Path(to_absolute_path(cfg.paper_dir)) if cfg.paper_dir else PAPER_DIR,
+        )
+        write_outputs(outputs.files)
+    except HarnessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    for text in outputs.printed:
+        print(text)
+    for note in outputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"Wrote {len(outputs.files)} files under {to_absolute_path(cfg.out_dir)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
