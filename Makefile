@@ -14,8 +14,13 @@ endif
 # Offline data shipped beside the checkout (see README "Data").
 SPA_DATA_DIR ?= $(abspath ../shared/data)
 export SPA_DATA_DIR
-LAUNCHER ?= basic
+# Sweep launcher: local (cells one after another), submitit_local, or submitit_slurm / slurm
+# (configs/hydra/launcher/slurm.yaml: one GPU job per cell). Extra Hydra overrides: ARGS="...".
+LAUNCHER ?= local
+HYDRA_LAUNCHER := $(if $(filter submitit_slurm slurm,$(LAUNCHER)),slurm,$(LAUNCHER))
+ARGS ?=
 PYTEST_ARGS ?=
+SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) $(ARGS)
 
 .PHONY: help install test bench demo reproduce tables figures clean
 
@@ -37,6 +42,21 @@ test: install  ## run the test suite (CPU, offline)
 bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) scripts/bench_decoding.py
+
+demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
+	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
+	$(PY) scripts/aggregate.py
+
+reproduce: install  ## the paper's full grid (GPUs + internet; LAUNCHER=submitit_slurm on a cluster)
+	$(SWEEP) +experiment=omega_sweep
+	$(SWEEP) +experiment=anchor_ablation
+	$(MAKE) tables figures
+
+tables: install  ## rebuild the paper's tables from results/runs -> results/tables/
+	$(PY) scripts/aggregate.py what=tables
+
+figures: install  ## rebuild the paper's figures from results/runs -> results/figures/
+	$(PY) scripts/aggregate.py what=figures
 
 clean:  ## remove the venv and caches (never results/)
 	rm -rf $(VENV) .pytest_cache

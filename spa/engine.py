@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ from spa.masking import masked_prompt_ids, validate_masking
 # scores) -> bool per sequence. transformers.StopStringCriteria fits; it only sees generated ids, so a
 # stop string can never match inside the prompt.
 StoppingCriterion = Callable[[torch.LongTensor, torch.FloatTensor], torch.BoolTensor]
+# Called after every forward with (index of the token the forward predicts, the model outputs, the
+# (prompt index, sample index) of each active sequence, the views in row order). Rows are interleaved:
+# [sequence 0 view 0, sequence 0 view 1, sequence 1 view 0, ...]. Used by spa.attention.
+StepObserver = Callable[[int, Any, list[tuple[int, int]], tuple[str, ...]], None]
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ def decode(
     modulated_by_prob: bool = False,
     stopping_criteria: Sequence[StoppingCriterion] = (),
     progress: bool = False,
+    observer: StepObserver | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **sampling,
 ) -> list[list[int]]:
     """Decode every prompt with SPA and return the new ids of each (no prompt, no padding).
@@ -166,6 +173,8 @@ def decode(
             (ids kept; the masked view cannot attend to anchored positions, at every step).
         modulated_by_prob: the official package's probability-modulated weighting (per row).
         stopping_criteria: extra per-sequence stops, called on generated ids only.
+        observer, forward_kwargs: instrumentation (see :data:`StepObserver`); ``forward_kwargs`` go to
+            every model forward, e.g. ``{"output_attentions": True}``.
         **sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_samples``
             (samples per prompt; the result then holds ``num_samples`` entries per prompt, prompt-major).
     """
@@ -207,6 +216,8 @@ def decode(
             modulated_by_prob=modulated_by_prob,
             stopping_criteria=stopping_criteria,
             sampling=config,
+            observer=observer,
+            forward_kwargs=dict(forward_kwargs or {}),
         )
         for i, ids in zip(members, decoded):
             results[i] = ids
@@ -239,6 +250,8 @@ def _decode_chunk(
     modulated_by_prob: bool,
     stopping_criteria: Sequence[StoppingCriterion],
     sampling: Sampling,
+    observer: StepObserver | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> list[list[int]]:
     device = model_device(model)
     n = len(prompts)
@@ -272,15 +285,18 @@ def _decode_chunk(
     logits_to_keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
     cache = DynamicCache(config=model.config)
 
-    def forward(ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(step: int, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One step over all rows -> float32 scores of each active sequence."""
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+        outputs = model.base_model(**kwargs) if fused_head else model(**kwargs, **logits_to_keep)
+        if observer is not None:
+            observer(step, outputs, [sequence_keys[i] for i in active.tolist()], tuple(views))
         if fused_head:
-            hidden = model.base_model(**kwargs).last_hidden_state[:, -1].float()
+            hidden = outputs.last_hidden_state[:, -1].float()
             combined = omega * hidden[0::2] + (1.0 - omega) * hidden[1::2]
             head = model.get_output_embeddings()
             return head(combined.to(head.weight.dtype)).float()
-        logits = model(**kwargs, **logits_to_keep).logits[:, -1]
+        logits = outputs.logits[:, -1]
         if n_views == 1:
             return logits.float()
         return combine_logits(logits[0::2], logits[1::2], omega, modulated_by_prob)
@@ -292,14 +308,14 @@ def _decode_chunk(
         model.base_model(input_ids=input_ids[prefix_rows, :shared], attention_mask=attention[prefix_rows, :shared],
                          position_ids=positions[prefix_rows, :shared], past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n_views)
-    scores = forward(input_ids[:, shared:], attention, positions[:, shared:])
+    active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
+    scores = forward(0, input_ids[:, shared:], attention, positions[:, shared:])
 
     warpers = sampling.warpers() if sampling.do_sample else []
     generators = [sampling.generator(p, s, device) for p, s in sequence_keys] if sampling.do_sample else []
     eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
     generated = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
-    active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         if sampling.do_sample:
@@ -325,6 +341,6 @@ def _decode_chunk(
             cache.batch_select_indices(rows)
             next_position, attention = next_position[rows], attention[rows]
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
-        scores = forward(tokens.repeat_interleave(n_views).unsqueeze(-1), attention, next_position)
+        scores = forward(step + 1, tokens.repeat_interleave(n_views).unsqueeze(-1), attention, next_position)
         next_position = next_position + 1
     return [generated[i, : lengths[i]].tolist() for i in range(n)]

@@ -1,0 +1,274 @@
+"""One cell of an experiment: config -> prompts with anchors -> SPA decoding -> samples -> verdicts.
+
+``run_cell(cfg)`` is what ``scripts/run.py`` calls for every point of a sweep. It is resumable: tasks
+already in the cell's samples.jsonl are skipped, samples are appended (and fsynced) after every batch,
+so a killed run loses at most the batch in flight, and a finished cell is not recomputed unless
+``force=true``. omega = 1 is the plain model whatever is anchored, so it is stored once per model and
+benchmark under ``anchor=none`` and reused by every anchor condition.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from transformers import StopStringCriteria
+
+import spa
+from eval.data import dataset_sha256, load_tasks
+from eval.errors import ConfigError
+from eval.postprocess import to_solution
+from eval.prompts import build_prompt
+from eval.spans import validate_condition
+from eval.store import Cell, cell_dir, fingerprint, git_commit, machine, package_versions, python_command
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    experiment: str
+    model: str
+    benchmark: str
+    anchor: str  # "none" for omega = 1
+    omega: float
+    path: Path
+    settings: dict  # everything that changes the samples; its hash guards the cell directory
+
+
+def resolve_omega(value, model_cfg: DictConfig, benchmark: str) -> float:
+    if isinstance(value, str) and value.strip().lower() == "paper":
+        paper = (model_cfg.get("paper_omega") or {}).get(benchmark)
+        if paper is None:
+            raise ConfigError(
+                f"spa.omega=paper but model {model_cfg.name!r} has no paper_omega for {benchmark!r}. Give a "
+                "number (spa.omega=1.3) or add paper_omega to the model's config."
+            )
+        return float(paper)
+    try:
+        omega = float(value)
+    except (TypeError, ValueError):
+        omega = math.nan
+    if not math.isfinite(omega):
+        raise ConfigError(
+            f"spa.omega must be a finite number or 'paper', got {value!r}. Example: spa.omega=1.3 (omega > 1 "
+            "amplifies the anchored text, 1 is the plain model)."
+        )
+    return omega
+
+
+def data_dir(cfg: DictConfig) -> Path:
+    return Path(to_absolute_path(cfg.paths.data_dir))
+
+
+def plan_cell(cfg: DictConfig) -> CellPlan | None:
+    """The cell this config describes; None when it cannot run and the sweep asked to skip such cells."""
+    benchmark = cfg.benchmark.name
+    try:
+        validate_condition(benchmark, cfg.anchor.condition)
+    except ConfigError:
+        if cfg.get("skip_invalid"):
+            print(f"skip: anchor {cfg.anchor.condition!r} does not apply to {benchmark} (skip_invalid=true)")
+            return None
+        raise
+    omega = resolve_omega(cfg.spa.omega, cfg.model, benchmark)
+    anchor = "none" if omega == 1.0 else cfg.anchor.condition
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    settings = {
+        "model": {k: model[k] for k in ("name", "hf_id", "revision", "tokenizer_id", "prompt_style", "mask_token", "add_bos",
+                                         "dtype", "attn_implementation", "build_tiny")},
+        "quantization": cfg.quantization.mode,
+        "benchmark": benchmark,
+        "dataset_sha256": dataset_sha256(benchmark, data_dir(cfg)),
+        "anchor": anchor,
+        "omega": omega,
+        "spa": {k: cfg.spa[k] for k in ("masking", "modulated_by_prob", "mask_token")},
+        # batch_size only changes speed, and the task selection only how much of the cell exists.
+        "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if k != "batch_size"},
+    }
+    runs_dir = Path(to_absolute_path(cfg.paths.runs_dir))
+    path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, anchor, omega)
+    return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, anchor, omega, path, settings)
+
+
+_LOADED: dict = {}
+
+
+def load(cfg: DictConfig):
+    """(model, tokenizer), kept across the cells of a sweep run in one process."""
+    key = fingerprint({"model": OmegaConf.to_container(cfg.model, resolve=True), "q": cfg.quantization.mode, "d": cfg.device_map})
+    if key not in _LOADED:
+        _LOADED.clear()  # one model in memory at a time
+        model_cfg = cfg.model
+        model_path = to_absolute_path(model_cfg.hf_id) if model_cfg.get("build_tiny") else model_cfg.hf_id
+        if model_cfg.get("build_tiny"):
+            recipe = OmegaConf.to_container(model_cfg.build_tiny, resolve=True)
+            tokenizer_dir = Path(to_absolute_path(recipe.pop("tokenizer_dir")))
+            spa.build_tiny_model(model_path, tokenizer_dir, **recipe)
+        tokenizer = spa.load_tokenizer(model_cfg.tokenizer_id or model_path, revision=model_cfg.revision,
+                                       trust_remote_code=model_cfg.trust_remote_code)
+        model = spa.load_model(model_path, revision=model_cfg.revision, dtype=model_cfg.dtype, quantization=cfg.quantization.mode,
+                               device_map=cfg.device_map, trust_remote_code=model_cfg.trust_remote_code,
+                               attn_implementation=model_cfg.attn_implementation)
+        _LOADED[key] = (model, tokenizer)
+    return _LOADED[key]
+
+
+def select_tasks(cfg: DictConfig, tasks: dict[str, dict]) -> list[str]:
+    if cfg.get("task_ids"):
+        unknown = [t for t in cfg.task_ids if t not in tasks]
+        if unknown:
+            raise ConfigError(f"Unknown task ids {unknown[:5]} for {cfg.benchmark.name}; ids look like {next(iter(tasks))!r}.")
+        return list(cfg.task_ids)
+    ids = list(tasks)
+    return ids[: cfg.limit] if cfg.get("limit") else ids
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def finish_reason(ids: list[int], eos: list[int], max_new_tokens: int) -> str:
+    if ids and ids[-1] in eos:
+        return "eos"
+    return "length" if len(ids) >= max_new_tokens else "stop"
+
+
+def run_cell(cfg: DictConfig) -> Path | None:
+    """Generate and evaluate one cell (resuming what exists); returns its directory."""
+    plan = plan_cell(cfg)
+    if plan is None:
+        return None
+    with Cell(plan.path, fingerprint(plan.settings)) as cell:
+        cell.check_owner(force=bool(cfg.force))
+        if cfg.force:
+            cell.reset()
+        tasks = load_tasks(plan.benchmark, data_dir(cfg))
+        wanted = select_tasks(cfg, tasks)
+        manifest = cell.manifest()
+        if cell.is_complete() and set(wanted) <= set(manifest.get("task_ids", [])):
+            print(f"complete: {plan.path} (force=true recomputes it)")
+            return plan.path
+        started = time.time()
+        samples = cell.load_samples()
+        done = {s["task_id"] for s in samples}
+        todo = [t for t in wanted if t not in done]
+        base_manifest = {
+            "experiment": plan.experiment,
+            "model": {**plan.settings["model"], "display_name": cfg.model.get("display_name")},
+            "benchmark": plan.benchmark,
+            "anchor": plan.anchor,
+            "omega": plan.omega,
+            "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), "omega": plan.omega},
+            "generation": OmegaConf.to_container(cfg.generation, resolve=True),
+            "quantization": plan.settings["quantization"],
+            "dataset_sha256": plan.settings["dataset_sha256"],
+            "seed": cfg.generation.seed,
+            "task_ids": wanted,
+            "n_tasks": len(wanted),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "command": python_command(),
+            "git": git_commit(),
+            "packages": package_versions(),
+            "machine": machine(),
+        }
+        timings = dict((manifest or {}).get("timings", {}))
+        if todo:
+            cell.write_manifest({**base_manifest, "status": "incomplete", "timings": timings})
+            generation_stats = generate_samples(cfg, plan, tasks, todo, cell)
+            base_manifest["model"].update(generation_stats.pop("model"))
+            for key, value in generation_stats.items():
+                timings[key] = timings.get(key, 0) + value
+            samples = cell.load_samples()
+        elif manifest:
+            base_manifest["model"] = manifest.get("model", base_manifest["model"])
+        status = "generated"
+        if cfg.evaluate:
+            from eval.evaluate import evaluate_samples, write_eval_results
+
+            chosen = [s for s in samples if s["task_id"] in set(wanted)]
+            eval_start = time.time()
+            results = evaluate_samples(
+                plan.benchmark,
+                [{"task_id": s["task_id"], "solution": s["solution"]} for s in chosen],
+                data_dir=data_dir(cfg),
+                n_workers=cfg.get("eval_workers"),
+                cache_dir=Path(to_absolute_path(cfg.paths.cache_dir)) / "groundtruth",
+            )
+            results["provenance"] = {"fingerprint": cell.settings_fingerprint, "git": base_manifest["git"], "model": base_manifest["model"]}
+            write_eval_results(cell.results_path, results)
+            timings["evaluation_seconds"] = time.time() - eval_start
+            status = "complete"
+            print(f"{plan.path}: pass@1 base {results['pass@1']['base']:.3f} plus {results['pass@1']['plus']:.3f}")
+        timings["wall_seconds_last_run"] = time.time() - started
+        cell.write_manifest({**base_manifest, "status": status, "timings": timings})
+    return plan.path
+
+
+def generate_samples(cfg: DictConfig, plan: CellPlan, tasks: dict, todo: list[str], cell: Cell) -> dict:
+    """Decode ``todo`` in batches, appending each batch's samples to the cell; returns timing stats."""
+    model, tokenizer = load(cfg)
+    style = cfg.model.prompt_style
+    mask_token = cfg.spa.mask_token if cfg.spa.mask_token is not None else cfg.model.mask_token
+    mask_token_id = spa.resolve_mask_token_id(tokenizer, mask_token)
+    built = {t: build_prompt(tasks[t], plan.benchmark, style, plan.anchor, tokenizer) for t in todo}
+    anchored = {t: spa.tokenize_anchored(tokenizer, b.text, b.anchor_spans, add_bos=cfg.model.add_bos) for t, b in built.items()}
+    stop_strings = next(iter(built.values())).stop_strings
+    stopping = [StopStringCriteria(tokenizer, stop_strings)] if stop_strings else []
+    eos = eos_ids(model, tokenizer)
+    gen = cfg.generation
+    sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed", "num_samples")}
+    per_batch = max(1, int(gen.batch_size) // int(gen.num_samples))
+    tokens, seconds = 0, 0.0
+    bar = tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.anchor} omega={plan.omega}", unit="task")
+    for start in range(0, len(todo), per_batch):
+        batch = todo[start : start + per_batch]
+        begin = time.time()
+        outputs = spa.decode(
+            model,
+            [anchored[t].input_ids for t in batch],
+            [anchored[t].anchor_mask for t in batch],
+            omega=plan.omega,
+            mask_token_id=mask_token_id,
+            max_new_tokens=int(gen.max_new_tokens),
+            eos_token_id=eos,
+            batch_size=int(gen.batch_size),
+            masking=cfg.spa.masking,
+            modulated_by_prob=bool(cfg.spa.modulated_by_prob),
+            stopping_criteria=stopping,
+            **sampling,
+        )
+        seconds += time.time() - begin
+        records = []
+        for index, ids in enumerate(outputs):
+            task_id = batch[index // int(gen.num_samples)]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            solution = to_solution(tasks[task_id], plan.benchmark, style, text, built[task_id])
+            tokens += len(ids)
+            records.append({
+                "task_id": task_id,
+                "sample_index": index % int(gen.num_samples),
+                **solution,
+                "completion": text,
+                "n_prompt_tokens": len(anchored[task_id].input_ids),
+                "n_anchored_tokens": sum(anchored[task_id].anchor_mask),
+                "n_generated_tokens": len(ids),
+                "finish_reason": finish_reason(ids, eos, int(gen.max_new_tokens)),
+            })
+        cell.append_samples(records)
+        bar.update(len(batch))
+    bar.close()
+    device = spa.engine.model_device(model)
+    return {
+        "model": {"resolved_commit": getattr(model.config, "_commit_hash", None), "mask_token_id": mask_token_id,
+                  "device": str(device), "torch_dtype": str(model.dtype)},
+        "generation_seconds": seconds,
+        "generated_tokens": tokens,
+    }
+

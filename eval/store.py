@@ -1,0 +1,199 @@
+"""The results store: one directory per cell, crash-safe appends, resume, locking and provenance.
+
+A cell is ``<runs_dir>/<experiment>/<model>/<benchmark>/<anchor>/omega=<omega>/`` holding
+``samples.jsonl`` (EvalPlus format plus our fields, appended one task at a time and fsynced),
+``eval_results.json`` and ``manifest.json`` (written atomically). A cell directory belongs to one
+configuration: its fingerprint (everything that changes the samples) is kept in the manifest, and a
+different configuration pointed at it is refused. An exclusive lock keeps two processes (SLURM jobs)
+from writing one cell.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "evalplus", "hydra-core", "omegaconf", "spa-harness")
+
+
+def format_omega(omega: float) -> str:
+    """``1.0`` -> ``"1.0"``, ``1.28`` -> ``"1.28"``: shortest exact form, always with a decimal point."""
+    text = repr(float(omega))
+    return text if "e" not in text else f"{omega:.6f}".rstrip("0")
+
+
+def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, anchor: str, omega: float) -> Path:
+    return Path(runs_dir) / experiment / model / benchmark / anchor / f"omega={format_omega(omega)}"
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise HarnessError(
+            f"Result file {path} is unreadable or corrupt ({error}). Move it away (or delete it) and rerun "
+            "the same command: the cell resumes from its samples.jsonl."
+        ) from None
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        if key in os.environ:
+            info[key.lower()] = os.environ[key]
+    return info
+
+
+@dataclass
+class Cell:
+    """One cell directory. Use as a context manager: it holds the cell's lock while open."""
+
+    path: Path
+    settings_fingerprint: str
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "eval_results.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def __enter__(self) -> "Cell":
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise HarnessError(
+                f"Cell {self.path} is being written by another process (its .lock is held). Wait for that "
+                "run to finish; rerunning afterwards resumes or skips the cell."
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+
+    def manifest(self) -> dict | None:
+        return read_json(self.manifest_path) if self.manifest_path.exists() else None
+
+    def check_owner(self, force: bool) -> None:
+        """Refuse a cell produced by a different configuration (unless ``force``, which starts it over)."""
+        manifest = self.manifest()
+        if manifest is None or manifest.get("fingerprint") == self.settings_fingerprint:
+            return
+        if not force:
+            raise HarnessError(
+                f"Results dir {self.path} was produced by a different configuration (fingerprint "
+                f"{manifest.get('fingerprint')} there, {self.settings_fingerprint} now). Use another "
+                "experiment name (experiment_name=...) to keep both, or force=true to discard the old results."
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        for path in (self.samples_path, self.results_path, self.manifest_path):
+            path.unlink(missing_ok=True)
+
+    def is_complete(self) -> bool:
+        manifest = self.manifest()
+        return bool(manifest and manifest.get("status") == "complete" and self.results_path.exists())
+
+    def load_samples(self) -> list[dict]:
+        """Samples written so far; a truncated last line (a crash mid-write) is dropped with a warning."""
+        if not self.samples_path.exists():
+            return []
+        with open(self.samples_path, "rb") as f:
+            raw = f.read()
+        lines = raw.split(b"\n")
+        samples, good_bytes = [], 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                good_bytes += len(line) + 1
+                continue
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
+                    warnings.warn(f"{self.samples_path}: dropping a truncated last line (a crash mid-write); that task is redone")
+                    with open(self.samples_path, "r+b") as f:
+                        f.truncate(good_bytes)
+                    break
+                raise HarnessError(
+                    f"{self.samples_path} line {number} is corrupt (not JSON) in the middle of the file. Move the "
+                    "file away and rerun to regenerate the cell, or repair that line."
+                ) from None
+            good_bytes += len(line) + 1
+        return samples
+
+    def append_samples(self, samples: Iterable[dict]) -> None:
+        data = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.manifest_path, {**manifest, "fingerprint": self.settings_fingerprint})
+
+
+def python_command() -> str:
+    return " ".join([sys.executable, *sys.argv])

@@ -1,0 +1,107 @@
+"""The cell runner and results store: layout, provenance, resume after a crash, guards, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from eval.cli import CONFIG_DIR
+from eval.errors import ConfigError, HarnessError
+from eval.runner import run_cell
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, model_cache, data_dir):
+    def make(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("run", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}",
+                                             "limit=3", "evaluate=false", "generation.max_new_tokens=6", *overrides])
+
+    return make
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_cell_layout_and_provenance(make_cfg, tmp_path):
+    path = run_cell(make_cfg("benchmark=mbpp", "anchor=nl+test", "spa.omega=1.3", "experiment_name=unit"))
+    assert path == tmp_path / "runs" / "unit" / "tiny" / "mbpp" / "nl+test" / "omega=1.3"
+    samples = read_lines(path / "samples.jsonl")
+    assert [s["task_id"] for s in samples] == ["Mbpp/2", "Mbpp/3", "Mbpp/4"]
+    assert all(s["n_generated_tokens"] <= 6 and s["n_anchored_tokens"] > 0 and "solution" in s for s in samples)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["status"] == "generated"  # evaluation was switched off
+    assert manifest["dataset_sha256"] == "af43697e8791c4c149bdfd6b489d8b5412507551ac20e28a439f650b8225db63"
+    assert manifest["git"]["commit"] and manifest["packages"]["torch"] and manifest["packages"]["transformers"]
+    assert manifest["model"]["hf_id"].endswith("tiny-deepseek-llama") and manifest["model"]["mask_token_id"] == 32014
+    assert manifest["omega"] == 1.3 and manifest["seed"] == 0 and manifest["fingerprint"]
+    assert manifest["config"]["generation"]["max_new_tokens"] == 6
+
+
+def test_resume_after_crash_keeps_finished_tasks(make_cfg):
+    cfg = make_cfg("spa.omega=1.3")
+    path = run_cell(cfg)
+    samples_file = path / "samples.jsonl"
+    full = samples_file.read_bytes()
+    lines = full.decode().splitlines(keepends=True)
+    # A crash while writing the third task: its line is cut in the middle.
+    samples_file.write_text("".join(lines[:2]) + lines[2][:25])
+    with pytest.warns(UserWarning, match="truncated last line"):
+        run_cell(cfg)
+    assert samples_file.read_bytes() == full, "finished tasks are kept as they were and the lost one is redone identically"
+    # A larger selection only generates what is missing.
+    run_cell(make_cfg("spa.omega=1.3", "limit=4"))
+    after = read_lines(samples_file)
+    assert [s["task_id"] for s in after] == ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3"]
+    assert samples_file.read_bytes().startswith(full)
+
+
+def test_omega_one_is_stored_once_for_every_anchor(make_cfg, tmp_path):
+    first = run_cell(make_cfg("anchor=nl", "spa.omega=1.0"))
+    second = run_cell(make_cfg("anchor=nl+test", "spa.omega=1"))
+    assert first == second == tmp_path / "runs" / "default" / "tiny" / "humaneval" / "none" / "omega=1.0"
+    assert len(read_lines(first / "samples.jsonl")) == 3
+
+
+def test_a_cell_from_another_config_is_refused(make_cfg):
+    path = run_cell(make_cfg("spa.omega=1.3"))
+    before = (path / "samples.jsonl").read_bytes()
+    with pytest.raises(HarnessError, match="different configuration"):
+        run_cell(make_cfg("spa.omega=1.3", "generation.max_new_tokens=7"))
+    assert (path / "samples.jsonl").read_bytes() == before, "nothing is lost"
+    run_cell(make_cfg("spa.omega=1.3", "generation.max_new_tokens=7", "force=true"))
+    assert all(s["n_generated_tokens"] <= 7 for s in read_lines(path / "samples.jsonl"))
+
+
+def test_invalid_combinations(make_cfg):
+    with pytest.raises(ConfigError, match="MBPP"):
+        run_cell(make_cfg("benchmark=mbpp", "anchor=nl+code"))
+    assert run_cell(make_cfg("benchmark=mbpp", "anchor=nl+code", "skip_invalid=true")) is None
+    with pytest.raises(ConfigError, match="finite number or 'paper'"):
+        run_cell(make_cfg("spa.omega=abc"))
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("model=gpt5", "Unknown model 'gpt5'"),
+    ("anchor=nl+docs", "Unknown anchor 'nl+docs'"),
+    ("benchmark=apps", "Unknown benchmark 'apps'"),
+    ("spa.omega=strong", "finite number or 'paper'"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(argument, message, tmp_path, data_dir):
+    result = subprocess.run([sys.executable, "scripts/run.py", argument, f"paths.results_dir={tmp_path}", f"paths.data_dir={data_dir}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
