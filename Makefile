@@ -45,11 +45,13 @@ bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
 	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
+	$(PY) scripts/attention.py -m +experiment=demo_attention $(ARGS)
 	$(PY) scripts/aggregate.py
 
 reproduce: install  ## the paper's full grid (GPUs + internet; LAUNCHER=submitit_slurm on a cluster)
 	$(SWEEP) +experiment=omega_sweep
 	$(SWEEP) +experiment=anchor_ablation
+	$(PY) scripts/attention.py -m hydra/launcher=$(HYDRA_LAUNCHER) +experiment=attention $(ARGS)
 	$(MAKE) tables figures
 
 tables: install  ## rebuild the paper's tables from results/runs -> results/tables/

@@ -64,8 +64,12 @@ def data_dir(cfg: DictConfig) -> Path:
     return Path(to_absolute_path(cfg.paths.data_dir))
 
 
-def plan_cell(cfg: DictConfig) -> CellPlan | None:
-    """The cell this config describes; None when it cannot run and the sweep asked to skip such cells."""
+def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
+    """The cell this config describes; None when it cannot run and the sweep asked to skip such cells.
+
+    Attention cells (``attention=True``) record attention shares instead of samples; their directory
+    has no anchor level and their settings include the measurement's.
+    """
     benchmark = cfg.benchmark.name
     try:
         validate_condition(benchmark, cfg.anchor.condition)
@@ -89,8 +93,10 @@ def plan_cell(cfg: DictConfig) -> CellPlan | None:
         # batch_size only changes speed, and the task selection only how much of the cell exists.
         "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if k != "batch_size"},
     }
+    if attention:
+        settings["attention"] = {k: v for k, v in OmegaConf.to_container(cfg.attention, resolve=True).items() if k != "grad_batch_size"}
     runs_dir = Path(to_absolute_path(cfg.paths.runs_dir))
-    path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, anchor, omega)
+    path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, None if attention else anchor, omega)
     return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, anchor, omega, path, settings)
 
 
@@ -140,6 +146,29 @@ def finish_reason(ids: list[int], eos: list[int], max_new_tokens: int) -> str:
     return "length" if len(ids) >= max_new_tokens else "stop"
 
 
+def describe(cfg: DictConfig, plan: CellPlan, task_ids: list[str]) -> dict:
+    """The manifest's provenance: what produced the cell's files."""
+    return {
+        "experiment": plan.experiment,
+        "model": {**plan.settings["model"], "display_name": cfg.model.get("display_name")},
+        "benchmark": plan.benchmark,
+        "anchor": plan.anchor,
+        "omega": plan.omega,
+        "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), "omega": plan.omega},
+        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
+        "quantization": plan.settings["quantization"],
+        "dataset_sha256": plan.settings["dataset_sha256"],
+        "seed": cfg.generation.seed,
+        "task_ids": task_ids,
+        "n_tasks": len(task_ids),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "command": python_command(),
+        "git": git_commit(),
+        "packages": package_versions(),
+        "machine": machine(),
+    }
+
+
 def run_cell(cfg: DictConfig) -> Path | None:
     """Generate and evaluate one cell (resuming what exists); returns its directory."""
     plan = plan_cell(cfg)
@@ -156,28 +185,10 @@ def run_cell(cfg: DictConfig) -> Path | None:
             print(f"complete: {plan.path} (force=true recomputes it)")
             return plan.path
         started = time.time()
-        samples = cell.load_samples()
+        samples = cell.load_records()
         done = {s["task_id"] for s in samples}
         todo = [t for t in wanted if t not in done]
-        base_manifest = {
-            "experiment": plan.experiment,
-            "model": {**plan.settings["model"], "display_name": cfg.model.get("display_name")},
-            "benchmark": plan.benchmark,
-            "anchor": plan.anchor,
-            "omega": plan.omega,
-            "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), "omega": plan.omega},
-            "generation": OmegaConf.to_container(cfg.generation, resolve=True),
-            "quantization": plan.settings["quantization"],
-            "dataset_sha256": plan.settings["dataset_sha256"],
-            "seed": cfg.generation.seed,
-            "task_ids": wanted,
-            "n_tasks": len(wanted),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "command": python_command(),
-            "git": git_commit(),
-            "packages": package_versions(),
-            "machine": machine(),
-        }
+        base_manifest = describe(cfg, plan, wanted)
         timings = dict((manifest or {}).get("timings", {}))
         if todo:
             cell.write_manifest({**base_manifest, "status": "incomplete", "timings": timings})
@@ -185,7 +196,7 @@ def run_cell(cfg: DictConfig) -> Path | None:
             base_manifest["model"].update(generation_stats.pop("model"))
             for key, value in generation_stats.items():
                 timings[key] = timings.get(key, 0) + value
-            samples = cell.load_samples()
+            samples = cell.load_records()
         elif manifest:
             base_manifest["model"] = manifest.get("model", base_manifest["model"])
         status = "generated"
@@ -211,14 +222,20 @@ def run_cell(cfg: DictConfig) -> Path | None:
     return plan.path
 
 
+def prepare_prompts(cfg: DictConfig, plan: CellPlan, tasks: dict, task_ids: list[str], tokenizer):
+    """(mask token id, built prompt per task, anchored token ids per task) for the model's prompt style."""
+    mask_token = cfg.spa.mask_token if cfg.spa.mask_token is not None else cfg.model.mask_token
+    mask_token_id = spa.resolve_mask_token_id(tokenizer, mask_token)
+    built = {t: build_prompt(tasks[t], plan.benchmark, cfg.model.prompt_style, plan.anchor, tokenizer) for t in task_ids}
+    anchored = {t: spa.tokenize_anchored(tokenizer, b.text, b.anchor_spans, add_bos=cfg.model.add_bos) for t, b in built.items()}
+    return mask_token_id, built, anchored
+
+
 def generate_samples(cfg: DictConfig, plan: CellPlan, tasks: dict, todo: list[str], cell: Cell) -> dict:
     """Decode ``todo`` in batches, appending each batch's samples to the cell; returns timing stats."""
     model, tokenizer = load(cfg)
     style = cfg.model.prompt_style
-    mask_token = cfg.spa.mask_token if cfg.spa.mask_token is not None else cfg.model.mask_token
-    mask_token_id = spa.resolve_mask_token_id(tokenizer, mask_token)
-    built = {t: build_prompt(tasks[t], plan.benchmark, style, plan.anchor, tokenizer) for t in todo}
-    anchored = {t: spa.tokenize_anchored(tokenizer, b.text, b.anchor_spans, add_bos=cfg.model.add_bos) for t, b in built.items()}
+    mask_token_id, built, anchored = prepare_prompts(cfg, plan, tasks, todo, tokenizer)
     stop_strings = next(iter(built.values())).stop_strings
     stopping = [StopStringCriteria(tokenizer, stop_strings)] if stop_strings else []
     eos = eos_ids(model, tokenizer)
@@ -261,7 +278,7 @@ def generate_samples(cfg: DictConfig, plan: CellPlan, tasks: dict, todo: list[st
                 "n_generated_tokens": len(ids),
                 "finish_reason": finish_reason(ids, eos, int(gen.max_new_tokens)),
             })
-        cell.append_samples(records)
+        cell.append_records(records)
         bar.update(len(batch))
     bar.close()
     device = spa.engine.model_device(model)
@@ -272,3 +289,53 @@ def generate_samples(cfg: DictConfig, plan: CellPlan, tasks: dict, todo: list[st
         "generated_tokens": tokens,
     }
 
+
+
+def run_attention_cell(cfg: DictConfig) -> Path | None:
+    """Record attention shares on the prompt per generated token (paper Figures 2-3), resumably."""
+    from spa.attention import measure_attention
+
+    plan = plan_cell(cfg, attention=True)
+    if plan is None:
+        return None
+    with Cell(plan.path, fingerprint(plan.settings), records_name="attention.jsonl") as cell:
+        cell.check_owner(force=bool(cfg.force))
+        if cfg.force:
+            cell.reset()
+        tasks = load_tasks(plan.benchmark, data_dir(cfg))
+        wanted = select_tasks(cfg, tasks)
+        manifest = cell.manifest()
+        done = {r["task_id"] for r in cell.load_records()}
+        todo = [t for t in wanted if t not in done]
+        if not todo and manifest and manifest.get("status") == "complete":
+            print(f"complete: {plan.path} (force=true recomputes it)")
+            return plan.path
+        base_manifest = describe(cfg, plan, wanted)
+        base_manifest["attention"] = OmegaConf.to_container(cfg.attention, resolve=True)
+        cell.write_manifest({**base_manifest, "status": "incomplete"})
+        started = time.time()
+        if todo:
+            model, tokenizer = load(cfg)
+            mask_token_id, _, anchored = prepare_prompts(cfg, plan, tasks, todo, tokenizer)
+            settings = cfg.attention
+            # The gradient measurement is costly: only the first grad_tasks tasks of the selection get it.
+            grad_tasks = set(wanted if settings.grad_tasks is None else wanted[: settings.grad_tasks])
+            measure_attention(
+                model,
+                [anchored[t].input_ids for t in todo],
+                [anchored[t].anchor_mask for t in todo],
+                todo,
+                omega=plan.omega,
+                mask_token_id=mask_token_id,
+                max_new_tokens=int(cfg.generation.max_new_tokens),
+                eos_token_id=eos_ids(model, tokenizer),
+                self_every=settings.self_every,
+                grad_every=settings.grad_every,
+                grad_task_ids=grad_tasks,
+                grad_batch_size=int(settings.grad_batch_size),
+                masking=cfg.spa.masking,
+                batch_size=int(cfg.generation.batch_size),
+                on_record=lambda record: cell.append_records([record]),
+            )
+        cell.write_manifest({**base_manifest, "status": "complete", "timings": {"wall_seconds_last_run": time.time() - started}})
+    return plan.path

@@ -36,8 +36,10 @@ def format_omega(omega: float) -> str:
     return text if "e" not in text else f"{omega:.6f}".rstrip("0")
 
 
-def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, anchor: str, omega: float) -> Path:
-    return Path(runs_dir) / experiment / model / benchmark / anchor / f"omega={format_omega(omega)}"
+def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, anchor: str | None, omega: float) -> Path:
+    """The cell's directory; attention cells (``anchor=None``) have no anchor level."""
+    parts = [experiment, model, benchmark] + ([anchor] if anchor is not None else [])
+    return Path(runs_dir).joinpath(*parts, f"omega={format_omega(omega)}")
 
 
 def fingerprint(settings: dict) -> str:
@@ -103,10 +105,11 @@ class Cell:
 
     path: Path
     settings_fingerprint: str
+    records_name: str = "samples.jsonl"  # the cell's JSONL of per-task records (attention.jsonl for attention runs)
 
     @property
-    def samples_path(self) -> Path:
-        return self.path / "samples.jsonl"
+    def records_path(self) -> Path:
+        return self.path / self.records_name
 
     @property
     def results_path(self) -> Path:
@@ -150,18 +153,18 @@ class Cell:
         self.reset()
 
     def reset(self) -> None:
-        for path in (self.samples_path, self.results_path, self.manifest_path):
+        for path in (self.records_path, self.results_path, self.manifest_path):
             path.unlink(missing_ok=True)
 
     def is_complete(self) -> bool:
         manifest = self.manifest()
         return bool(manifest and manifest.get("status") == "complete" and self.results_path.exists())
 
-    def load_samples(self) -> list[dict]:
-        """Samples written so far; a truncated last line (a crash mid-write) is dropped with a warning."""
-        if not self.samples_path.exists():
+    def load_records(self) -> list[dict]:
+        """Records written so far; a truncated last line (a crash mid-write) is dropped with a warning."""
+        if not self.records_path.exists():
             return []
-        with open(self.samples_path, "rb") as f:
+        with open(self.records_path, "rb") as f:
             raw = f.read()
         lines = raw.split(b"\n")
         samples, good_bytes = [], 0
@@ -173,20 +176,20 @@ class Cell:
                 samples.append(json.loads(line))
             except json.JSONDecodeError:
                 if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
-                    warnings.warn(f"{self.samples_path}: dropping a truncated last line (a crash mid-write); that task is redone")
-                    with open(self.samples_path, "r+b") as f:
+                    warnings.warn(f"{self.records_path}: dropping a truncated last line (a crash mid-write); that task is redone")
+                    with open(self.records_path, "r+b") as f:
                         f.truncate(good_bytes)
                     break
                 raise HarnessError(
-                    f"{self.samples_path} line {number} is corrupt (not JSON) in the middle of the file. Move the "
+                    f"{self.records_path} line {number} is corrupt (not JSON) in the middle of the file. Move the "
                     "file away and rerun to regenerate the cell, or repair that line."
                 ) from None
             good_bytes += len(line) + 1
         return samples
 
-    def append_samples(self, samples: Iterable[dict]) -> None:
-        data = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        with open(self.samples_path, "a", encoding="utf-8") as f:
+    def append_records(self, records: Iterable[dict]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.records_path, "a", encoding="utf-8") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

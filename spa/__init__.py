@@ -9,6 +9,7 @@ from spa.engine import Sampling, combine_logits, decode
 from spa.hf import SPALogitsProcessor
 from spa.loading import build_tiny_model, load_model, load_tokenizer
 from spa.masking import masked_prompt_ids, resolve_mask_token_id
+from spa.attention import measure_attention
 from spa.text import AnchoredPrompt, anchor_prompt, generate, resolve_add_bos, tokenize_anchored
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "measure_attention",
     "masked_prompt_ids",
     "resolve_add_bos",
     "resolve_mask_token_id",

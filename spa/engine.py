@@ -310,6 +310,15 @@ def _decode_chunk(
         cache.batch_repeat_interleave(n_views)
     active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
     scores = forward(0, input_ids[:, shared:], attention, positions[:, shared:])
+    if bool(scores.isnan().any()):
+        # Seen with transformers' eager attention in float64 on left-padded batches: fully masked padding
+        # rows become NaN and spread. Fail loudly instead of decoding garbage.
+        raise ValueError(
+            f"The model produced NaN logits at the first step (dtype {model.dtype}, attention "
+            f"{getattr(model.config, '_attn_implementation', '?')}, {n} prompts of {min(map(len, prompts))}-{width} tokens). "
+            "Left padding with eager attention in float64 does this in transformers; use float32/bf16, SDPA "
+            "attention, or batch_size=1."
+        )
 
     warpers = sampling.warpers() if sampling.do_sample else []
     generators = [sampling.generator(p, s, device) for p, s in sequence_keys] if sampling.do_sample else []

@@ -182,3 +182,13 @@ def test_no_anchored_token_means_plain_decoding():
     prompts, _ = random_prompts([9, 6])
     none = [[False] * len(p) for p in prompts]
     assert spa.decode(model, prompts, none, omega=2.0, mask_token_id=MASK_ID, max_new_tokens=8) == [greedy_generate(model, p, 8) for p in prompts]
+
+
+def test_nan_logits_fail_loudly():
+    """transformers' eager attention in float64 turns left-padded batches into NaN: an error, not garbage."""
+    model = make_tiny_model("llama")
+    model.set_attn_implementation("eager")
+    prompts, masks = random_prompts([5, 12])
+    with pytest.raises(ValueError, match="NaN logits"):
+        spa.decode(model, prompts, masks, omega=1.3, mask_token_id=MASK_ID, max_new_tokens=4)
+    assert spa.decode(model, prompts[:1], masks[:1], omega=1.3, mask_token_id=MASK_ID, max_new_tokens=4)

@@ -105,3 +105,24 @@ def test_cli_bad_input_exits_2_and_writes_nothing(argument, message, tmp_path, d
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_attention_cell_records_and_resumes(tmp_path, model_cache, data_dir):
+    from eval.runner import run_attention_cell
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("attention", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}",
+                                              "limit=2", "generation.max_new_tokens=8", "spa.omega=1.3", "attention.grad_every=4", "attention.grad_tasks=1"])
+    path = run_attention_cell(cfg)
+    assert path == tmp_path / "runs" / "attention" / "tiny" / "humaneval" / "omega=1.3"
+    records = {r["task_id"]: r for r in read_lines(path / "attention.jsonl")}
+    assert set(records) == {"HumanEval/0", "HumanEval/1"}
+    first = records["HumanEval/0"]
+    assert first["self_steps"] == list(range(first["n_generated"])) and first["self_prompt_share"][0] == 1.0
+    assert all(0.0 <= s <= 1.0 for s in first["self_prompt_share"] + first["grad_prompt_share"])
+    assert first["grad_steps"] == [0, 4] and records["HumanEval/1"]["grad_steps"] == []
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["experiment"] == "attention" and manifest["attention"]["grad_every"] == 4
+    before = (path / "attention.jsonl").read_bytes()
+    run_attention_cell(cfg)
+    assert (path / "attention.jsonl").read_bytes() == before
