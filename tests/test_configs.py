@@ -13,9 +13,13 @@ from eval.spans import ANCHOR_CONDITIONS
 PAPER_MODELS = ["codegen-350m-mono", "deepseek-coder-1.3b-instruct", "deepseek-coder-6.7b-instruct", "codellama-7b", "deepseek-coder-33b-instruct"]
 
 
-def compose_run(overrides):
+# Presets of scripts/attention.py compose with its primary config; the others with scripts/run.py's.
+ATTENTION_PRESETS = {"attention", "demo_attention"}
+
+
+def compose_run(overrides, primary="run"):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("run", overrides=overrides, return_hydra_config=True)
+        return compose(primary, overrides=overrides, return_hydra_config=True)
 
 
 def resolve_all(cfg) -> dict:
@@ -65,8 +69,9 @@ def test_launchers_compose(launcher):
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_presets_compose_and_sweep_real_options(experiment):
-    cfg = compose_run([f"+experiment={experiment}"])
-    assert cfg.experiment_name == experiment
+    primary = "attention" if experiment in ATTENTION_PRESETS else "run"
+    cfg = compose_run([f"+experiment={experiment}"], primary)
+    assert cfg.experiment_name == ("attention" if primary == "attention" else experiment)
     params = cfg.hydra.sweeper.params or {}
     assert params, "every preset defines its sweep"
     for key, values in params.items():
@@ -76,3 +81,10 @@ def test_experiment_presets_compose_and_sweep_real_options(experiment):
             elif key == "spa.omega":
                 assert value == "paper" or float(value) > 0
     resolve_all(cfg)
+
+
+def test_attention_config_extends_run_with_eager_attention():
+    cfg = compose_run(["model=deepseek-coder-6.7b-instruct"], "attention")
+    resolve_all(cfg)
+    assert cfg.model.attn_implementation == "eager" and cfg.model.hf_id == "deepseek-ai/deepseek-coder-6.7b-instruct"
+    assert cfg.generation.max_new_tokens == 400 and cfg.attention.grad_every == 10
