@@ -29,17 +29,19 @@ def test_tiny_model_is_reused_and_loads_with_its_tokenizer(tiny_dir, tokenizer_d
     assert model.config.vocab_size == 32064 and model.config.vocab_size >= len(tokenizer)
 
 
-def test_8bit_weights_on_cpu(tiny_dir):
+@pytest.mark.parametrize("quantization, layer, tolerance", [("8bit", "Linear8bitLt", 0.05), ("4bit", "Linear4bit", 0.5)])
+def test_quantized_weights_on_cpu(tiny_dir, quantization, layer, tolerance):
+    """bitsandbytes runs on this CPU, so the paper's 8-bit setting is tested here, not only on a GPU."""
     bitsandbytes = pytest.importorskip("bitsandbytes")
     reference = spa.load_model(str(tiny_dir), dtype="fp32")
-    quantized = spa.load_model(str(tiny_dir), dtype="fp32", quantization="8bit")
-    int8_layers = [m for m in quantized.modules() if isinstance(m, bitsandbytes.nn.Linear8bitLt)]
-    assert len(int8_layers) >= 7 * quantized.config.num_hidden_layers
-    assert int8_layers[0].weight.dtype == torch.int8
+    quantized = spa.load_model(str(tiny_dir), dtype="fp32", quantization=quantization)
+    layers = [m for m in quantized.modules() if isinstance(m, getattr(bitsandbytes.nn, layer))]
+    assert len(layers) == 7 * quantized.config.num_hidden_layers  # every linear of every block; the head stays full
+    assert layers[0].weight.dtype in (torch.int8, torch.uint8)
     ids = torch.tensor([[32013, 10, 200, 3000, 42, 7, 99]])
     with torch.no_grad():
         diff = (quantized(ids).logits.float() - reference(ids).logits).abs().max().item()
-    assert 0 < diff < 0.05
+    assert 0 < diff < tolerance
     out = spa.decode(quantized, [ids[0].tolist()], [[False, False, True, True, False, False, False]], omega=1.3,
                      mask_token_id=32014, max_new_tokens=5)
     assert len(out[0]) == 5

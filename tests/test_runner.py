@@ -126,3 +126,16 @@ def test_attention_cell_records_and_resumes(tmp_path, model_cache, data_dir):
     before = (path / "attention.jsonl").read_bytes()
     run_attention_cell(cfg)
     assert (path / "attention.jsonl").read_bytes() == before
+
+
+def test_a_locked_cell_is_refused(make_cfg):
+    """Two processes (e.g. SLURM jobs) never write one cell."""
+    from eval.runner import plan_cell
+    from eval.store import Cell
+
+    cfg = make_cfg("spa.omega=1.3")
+    plan = plan_cell(cfg)
+    with Cell(plan.path, "someone-else"):
+        with pytest.raises(HarnessError, match="another process"):
+            run_cell(cfg)
+    assert not (plan.path / "samples.jsonl").exists()
