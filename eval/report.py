@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -1005,7 +1005,22 @@ def aggregate(
             figure = figures.omega_sweep_figure(figure4, list(BENCHMARK_COLUMNS), _model_colors(ctx.models))
         _figure_files("figure4_omega", figure, figures_dir, outputs, "no anchor-NL runs at omega != 1")
         _attention_figures(ctx, figures_dir, tables_dir, outputs)
+    outputs.files[Path(out_dir) / "provenance.json"] = _provenance(runs, runs_dir, settings)
     return outputs
+
+
+def _provenance(runs: Runs, runs_dir: Path, settings: Settings) -> bytes:
+    """What the tables and figures were built from: the aggregator's code and every cell it read."""
+    from eval.store import git_commit, package_versions
+
+    cells = [
+        {"path": str(c.path.relative_to(runs_dir)), "experiment": c.experiment, "model": c.model, "benchmark": c.benchmark,
+         "anchor": c.anchor, "omega": c.omega, "fingerprint": c.fingerprint}
+        for c in sorted(runs.cells, key=lambda c: str(c.path))
+    ]
+    record = {"runs_dir": str(runs_dir), "settings": asdict(settings), "git": git_commit(), "packages": package_versions(),
+              "cells": cells, "not_counted": runs.skipped}
+    return json.dumps(record, indent=2).encode()
 
 
 def write_outputs(files: Mapping[Path, bytes]) -> None:

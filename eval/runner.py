@@ -212,7 +212,7 @@ def run_cell(cfg: DictConfig) -> Path | None:
                 n_workers=cfg.get("eval_workers"),
                 cache_dir=Path(to_absolute_path(cfg.paths.cache_dir)) / "groundtruth",
             )
-            results["provenance"] = {"fingerprint": cell.settings_fingerprint, "git": base_manifest["git"], "model": base_manifest["model"]}
+            results["provenance"] = {**base_manifest, "fingerprint": cell.settings_fingerprint}
             write_eval_results(cell.results_path, results)
             timings["evaluation_seconds"] = time.time() - eval_start
             status = "complete"

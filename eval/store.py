@@ -27,7 +27,8 @@ from pathlib import Path
 from eval.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "evalplus", "hydra-core", "omegaconf", "spa-harness")
+PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "evalplus", "hydra-core", "omegaconf", "pandas",
+            "matplotlib", "spa-harness")
 
 
 def format_omega(omega: float) -> str:

@@ -335,8 +335,11 @@ def test_cli_writes_every_table_and_nothing_else(runs: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
     stems = ["figure4_omega", "table1", "table2", "table3"]
-    assert written == ["tables"] + sorted(f"tables/{s}.{e}" for s in stems for e in ("csv", "md", "tex"))
+    assert written == ["provenance.json", "tables"] + sorted(f"tables/{s}.{e}" for s in stems for e in ("csv", "md", "tex"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # no Hydra outputs/ or logs
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert provenance["cells"] and all((runs / c["path"] / "manifest.json").is_file() for c in provenance["cells"])
+    assert provenance["packages"]["pandas"] and provenance["git"]["commit"]
     assert "| DeepSeek-Coder (6.7B)" in result.stdout and "73.8" in result.stdout
 
 
