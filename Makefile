@@ -42,6 +42,7 @@ test: install  ## run the test suite (CPU, offline)
 bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) scripts/bench_decoding.py
+	$(PY) scripts/bench_eval.py
 
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
 	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
