@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval.data import REPO_ROOT, benchmark_spec, dataset_sha256, load_tasks
-from eval.errors import HarnessError
+from eval.errors import ConfigError, HarnessError
 from eval.sandbox import PASS, Phase, PhaseVerdict, Recording, Sandbox, SandboxConfig, Suite
 
 DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache" / "groundtruth"
@@ -295,6 +295,14 @@ def _test_suite(benchmark: str, task: dict, truth: TaskTruth, limits: Limits, me
 
 
 # Evaluation -------------------------------------------------------------------------------------
+
+
+def executor_settings(executor: dict) -> tuple[SandboxConfig, Limits]:
+    """(SandboxConfig, Limits) from the ``executor`` config group (configs/executor/default.yaml)."""
+    try:
+        return SandboxConfig(**executor["sandbox"]), Limits(**executor["limits"])
+    except (TypeError, KeyError) as exc:
+        raise ConfigError(f"Invalid executor setting ({exc}); see configs/executor/default.yaml.") from None
 
 
 def evaluate_samples(

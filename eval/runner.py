@@ -201,9 +201,10 @@ def run_cell(cfg: DictConfig) -> Path | None:
             base_manifest["model"] = manifest.get("model", base_manifest["model"])
         status = "generated"
         if cfg.evaluate:
-            from eval.evaluate import evaluate_samples, write_eval_results
+            from eval.evaluate import evaluate_samples, executor_settings, write_eval_results
 
             chosen = [s for s in samples if s["task_id"] in set(wanted)]
+            sandbox_config, limits = executor_settings(OmegaConf.to_container(cfg.executor, resolve=True))
             eval_start = time.time()
             results = evaluate_samples(
                 plan.benchmark,
@@ -211,6 +212,8 @@ def run_cell(cfg: DictConfig) -> Path | None:
                 data_dir=data_dir(cfg),
                 n_workers=cfg.get("eval_workers"),
                 cache_dir=Path(to_absolute_path(cfg.paths.cache_dir)) / "groundtruth",
+                sandbox_config=sandbox_config,
+                limits=limits,
             )
             results["provenance"] = {**base_manifest, "fingerprint": cell.settings_fingerprint}
             write_eval_results(cell.results_path, results)

@@ -12,28 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-import hydra  # noqa: E402
-from hydra.utils import to_absolute_path  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import MissingMandatoryValue  # noqa: E402
-
-from eval.errors import ConfigError, HarnessError  # noqa: E402
-from eval.evaluate import PHASES, Limits, evaluate_samples, load_samples, write_eval_results  # noqa: E402
-from eval.sandbox import SandboxConfig  # noqa: E402
-
-CONFIG_DIR = REPO_ROOT / "configs"
+from eval.cli import exit_on_harness_error, run_main
+from eval.errors import ConfigError
+from eval.evaluate import PHASES, evaluate_samples, executor_settings, load_samples, write_eval_results
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+@exit_on_harness_error
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate_from_config(cfg)
-    except HarnessError as exc:
-        _exit_with(exc)
+    evaluate_from_config(cfg)
 
 
 def evaluate_from_config(cfg: DictConfig) -> Path:
@@ -44,11 +36,7 @@ def evaluate_from_config(cfg: DictConfig) -> Path:
             "No samples file given. Pass samples=PATH, a JSONL file with one "
             '{"task_id": ..., "solution": ...} (or "completion") object per line.'
         ) from None
-    executor = OmegaConf.to_container(cfg.executor, resolve=True)
-    try:
-        sandbox_config, limits = SandboxConfig(**executor["sandbox"]), Limits(**executor["limits"])
-    except TypeError as exc:
-        raise ConfigError(f"Invalid executor setting ({exc}); see configs/executor/default.yaml.") from None
+    sandbox_config, limits = executor_settings(OmegaConf.to_container(cfg.executor, resolve=True))
     samples = load_samples(samples_path)
     started = time.monotonic()
     results = evaluate_samples(
@@ -73,24 +61,5 @@ def evaluate_from_config(cfg: DictConfig) -> Path:
     return out
 
 
-def check_benchmark_choice(argv: list[str]) -> None:
-    """Hydra reports an unknown config-group option with exit status 1 and a multi-line message;
-    checking it first gives the user the harness's one paragraph and status 2."""
-    choices = sorted(path.stem for path in (CONFIG_DIR / "benchmark").glob("*.yaml"))
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") == "benchmark" and value not in choices:
-            raise ConfigError(f"Unknown benchmark {value!r}. Choose benchmark={' or benchmark='.join(choices)}.")
-
-
-def _exit_with(exc: HarnessError) -> None:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(exc.exit_code)
-
-
 if __name__ == "__main__":
-    try:
-        check_benchmark_choice(sys.argv[1:])
-    except HarnessError as error:
-        _exit_with(error)
-    main()
+    run_main(main)

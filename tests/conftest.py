@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from eval.data import load_tasks
+from eval.evaluate import evaluate_samples
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,3 +50,23 @@ def make_tiny_model(architecture: str, vocab_size: int = 97, dtype=torch.float64
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def tiny_model(request):
     return make_tiny_model(request.param)
+
+
+def canonical_samples(benchmark: str) -> list[dict]:
+    return [{"task_id": t, "solution": task["prompt"] + task["canonical_solution"]} for t, task in load_tasks(benchmark).items()]
+
+
+@pytest.fixture(scope="session")
+def ground_truth_cache(tmp_path_factory):
+    """A fresh cache dir and ``canonical(benchmark)``: the canonical solutions' evaluation, which
+    also builds the benchmark's ground-truth cache (done once per session, on first use)."""
+    # Under <cache>/groundtruth, where the cell runner looks when paths.cache_dir=<cache>.
+    cache_dir = tmp_path_factory.mktemp("cache") / "groundtruth"
+    results: dict[str, dict] = {}
+
+    def canonical(benchmark: str) -> dict:
+        if benchmark not in results:
+            results[benchmark] = evaluate_samples(benchmark, canonical_samples(benchmark), cache_dir=cache_dir, progress=False)
+        return results[benchmark]
+
+    return cache_dir, canonical

@@ -15,29 +15,11 @@ import pytest
 from eval.data import load_tasks
 from eval.errors import HarnessError
 from eval.evaluate import GroundTruth, evaluate_samples, load_samples, write_eval_results
+from tests.conftest import canonical_samples
 from eval.sandbox import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("humaneval", "mbpp")
-
-
-def canonical_samples(benchmark: str) -> list[dict]:
-    return [{"task_id": t, "solution": task["prompt"] + task["canonical_solution"]} for t, task in load_tasks(benchmark).items()]
-
-
-@pytest.fixture(scope="session")
-def ground_truth_cache(tmp_path_factory):
-    """A fresh cache dir and ``canonical(benchmark)``: the canonical solutions' evaluation, which
-    also builds the benchmark's ground-truth cache (done once per session, on first use)."""
-    cache_dir = tmp_path_factory.mktemp("groundtruth")
-    results: dict[str, dict] = {}
-
-    def canonical(benchmark: str) -> dict:
-        if benchmark not in results:
-            results[benchmark] = evaluate_samples(benchmark, canonical_samples(benchmark), cache_dir=cache_dir, progress=False)
-        return results[benchmark]
-
-    return cache_dir, canonical
 
 
 @pytest.mark.slow

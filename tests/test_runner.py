@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from eval.cli import CONFIG_DIR
 from eval.errors import ConfigError, HarnessError
 from eval.runner import run_cell
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, canonical_samples
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,31 @@ def test_a_locked_cell_is_refused(make_cfg):
         with pytest.raises(HarnessError, match="another process"):
             run_cell(cfg)
     assert not (plan.path / "samples.jsonl").exists()
+
+
+def test_cell_end_to_end_with_sandboxed_evaluation(tmp_path, ground_truth_cache, data_dir):
+    """Generation, then the executor: verdicts for every sample, a complete manifest, and no rerun."""
+    cache_dir, canonical = ground_truth_cache
+    canonical("mbpp")  # builds the ground-truth cache the cell reuses
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={cache_dir.parent}", f"paths.data_dir={data_dir}",
+                                        "benchmark=mbpp", "limit=2", "generation.max_new_tokens=6", "spa.omega=1.3", "eval_workers=2"])
+    path = run_cell(cfg)
+    results = json.loads((path / "eval_results.json").read_text())
+    assert set(results["tasks"]) == {"Mbpp/2", "Mbpp/3"}
+    assert all(e["base_status"] in ("pass", "fail", "timeout", "error") for es in results["tasks"].values() for e in es)
+    assert results["pass@1"] == {"base": 0.0, "plus": 0.0}, "random weights cannot solve MBPP"
+    assert results["provenance"]["fingerprint"] == json.loads((path / "manifest.json").read_text())["fingerprint"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["timings"]["evaluation_seconds"] > 0
+    # A canonical solution written into the cell's samples passes through the same path.
+    samples = read_lines(path / "samples.jsonl")
+    task = canonical_samples("mbpp")[0]
+    samples[0]["solution"] = task["solution"]
+    (path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "status": "generated"}))
+    run_cell(cfg)
+    assert json.loads((path / "eval_results.json").read_text())["tasks"]["Mbpp/2"][0]["base_status"] == "pass"
+    stamp = (path / "eval_results.json").stat().st_mtime_ns
+    run_cell(cfg)
+    assert (path / "eval_results.json").stat().st_mtime_ns == stamp, "a complete cell is not recomputed"
