@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,17 +170,21 @@ def describe(cfg: DictConfig, plan: CellPlan, task_ids: list[str]) -> dict:
     }
 
 
+@contextmanager
+def claimed_cell(cfg: DictConfig, plan: CellPlan, records_name: str = "samples.jsonl"):
+    """The locked cell of ``plan`` (refused if another configuration owns it), the tasks and the selection."""
+    with Cell(plan.path, fingerprint(plan.settings), records_name) as cell:
+        cell.claim(force=bool(cfg.force))
+        tasks = load_tasks(plan.benchmark, data_dir(cfg))
+        yield cell, tasks, select_tasks(cfg, tasks)
+
+
 def run_cell(cfg: DictConfig) -> Path | None:
     """Generate and evaluate one cell (resuming what exists); returns its directory."""
     plan = plan_cell(cfg)
     if plan is None:
         return None
-    with Cell(plan.path, fingerprint(plan.settings)) as cell:
-        cell.check_owner(force=bool(cfg.force))
-        if cfg.force:
-            cell.reset()
-        tasks = load_tasks(plan.benchmark, data_dir(cfg))
-        wanted = select_tasks(cfg, tasks)
+    with claimed_cell(cfg, plan) as (cell, tasks, wanted):
         manifest = cell.manifest()
         if cell.is_complete() and set(wanted) <= set(manifest.get("task_ids", [])):
             print(f"complete: {plan.path} (force=true recomputes it)")
@@ -301,12 +306,7 @@ def run_attention_cell(cfg: DictConfig) -> Path | None:
     plan = plan_cell(cfg, attention=True)
     if plan is None:
         return None
-    with Cell(plan.path, fingerprint(plan.settings), records_name="attention.jsonl") as cell:
-        cell.check_owner(force=bool(cfg.force))
-        if cfg.force:
-            cell.reset()
-        tasks = load_tasks(plan.benchmark, data_dir(cfg))
-        wanted = select_tasks(cfg, tasks)
+    with claimed_cell(cfg, plan, records_name="attention.jsonl") as (cell, tasks, wanted):
         manifest = cell.manifest()
         done = {r["task_id"] for r in cell.load_records()}
         todo = [t for t in wanted if t not in done]

@@ -140,18 +140,18 @@ class Cell:
     def manifest(self) -> dict | None:
         return read_json(self.manifest_path) if self.manifest_path.exists() else None
 
-    def check_owner(self, force: bool) -> None:
-        """Refuse a cell produced by a different configuration (unless ``force``, which starts it over)."""
-        manifest = self.manifest()
-        if manifest is None or manifest.get("fingerprint") == self.settings_fingerprint:
+    def claim(self, force: bool) -> None:
+        """Make the cell this configuration's: ``force`` starts it over; another configuration's is refused."""
+        if force:
+            self.reset()
             return
-        if not force:
+        manifest = self.manifest()
+        if manifest is not None and manifest.get("fingerprint") != self.settings_fingerprint:
             raise HarnessError(
                 f"Results dir {self.path} was produced by a different configuration (fingerprint "
                 f"{manifest.get('fingerprint')} there, {self.settings_fingerprint} now). Use another "
                 "experiment name (experiment_name=...) to keep both, or force=true to discard the old results."
             )
-        self.reset()
 
     def reset(self) -> None:
         for path in (self.records_path, self.results_path, self.manifest_path):
