@@ -18,7 +18,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from spa.engine import combine_logits, model_device
 from spa.masking import masked_prompt_ids, resolve_mask_token_id, validate_masking
-from spa.text import AnchoredPrompt, Anchors, PromptInput, anchor_prompt
+from spa.text import AnchoredPrompt, Anchors, PromptInput, anchor_prompts
 
 
 class SPALogitsProcessor(LogitsProcessor):
@@ -134,12 +134,7 @@ class SPALogitsProcessor(LogitsProcessor):
         add_bos: bool | None = None,
     ) -> tuple[dict[str, torch.Tensor], "SPALogitsProcessor"]:
         """Left-padded ``generate`` inputs for ``prompts`` and the matching processor."""
-        if anchors is not None and len(anchors) != len(prompts):
-            raise ValueError(f"anchors must hold one entry per prompt: {len(anchors)} for {len(prompts)} prompts")
-        anchored = [
-            p if isinstance(p, AnchoredPrompt) else anchor_prompt(tokenizer, p, a, add_bos=add_bos)
-            for p, a in zip(prompts, anchors if anchors is not None else [None] * len(prompts))
-        ]
+        anchored = anchor_prompts(tokenizer, prompts, anchors, add_bos=add_bos)
         mask_token_id = resolve_mask_token_id(tokenizer, mask_token)
         width = max(len(a.input_ids) for a in anchored)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_token_id

@@ -199,6 +199,18 @@ def anchor_prompt(
     return tokenize_anchored(tokenizer, text, spans, add_bos=add_bos)
 
 
+def anchor_prompts(
+    tokenizer, prompts: Sequence[PromptInput | AnchoredPrompt], anchors: Sequence[Anchors] | None = None, *, add_bos: bool | None = None
+) -> list[AnchoredPrompt]:
+    """:func:`anchor_prompt` for each prompt (``anchors``: one entry per prompt); anchored ones pass through."""
+    if anchors is not None and len(anchors) != len(prompts):
+        raise ValueError(f"anchors must hold one entry per prompt: {len(anchors)} for {len(prompts)} prompts")
+    return [
+        p if isinstance(p, AnchoredPrompt) else anchor_prompt(tokenizer, p, a, add_bos=add_bos)
+        for p, a in zip(prompts, anchors if anchors is not None else [None] * len(prompts))
+    ]
+
+
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """``text`` up to (excluding) the earliest stop string, as EvalPlus truncates completions."""
     cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
@@ -229,13 +241,7 @@ def generate(
     anchors need none. Prompts already anchored (:class:`AnchoredPrompt`) are used as they are. Decoding stops at the
     tokenizer's EOS (unless ``eos_token_id`` is given) or at a stop string, which is cut off.
     """
-    if anchors is not None and len(anchors) != len(prompts):
-        raise ValueError(f"anchors must hold one entry per prompt: {len(anchors)} for {len(prompts)} prompts")
-    per_prompt = anchors if anchors is not None else [None] * len(prompts)
-    anchored = [
-        p if isinstance(p, AnchoredPrompt) else anchor_prompt(tokenizer, p, a, add_bos=add_bos)
-        for p, a in zip(prompts, per_prompt)
-    ]
+    anchored = anchor_prompts(tokenizer, prompts, anchors, add_bos=add_bos)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     criteria = [StopStringCriteria(tokenizer, list(stop_strings))] if stop_strings else []
     ids = decode(
