@@ -138,7 +138,7 @@ def main() -> None:
     for benchmark, r in results.items():
         s = r["seconds"]
         print(f"{benchmark:<10} {r['samples']:>7} {s['ours_cold']:>9.1f}s {s['evalplus_cold']:>13.1f}s {s['ours_warm']:>9.1f}s {s['evalplus_warm']:>13.1f}s {r['ratio_warm']:>10.2f}")
-    print(f"pass@1 (ours vs EvalPlus): " + "; ".join(f"{b}: {r['pass@1']['ours']} vs {r['pass@1']['evalplus']}" for b, r in results.items()))
+    print("pass@1 (ours vs EvalPlus): " + "; ".join(f"{b}: {r['pass@1']['ours']} vs {r['pass@1']['evalplus']}" for b, r in results.items()))
     print(f"target ratio <= {TARGET_RATIO}: {'met' if report['meets_target'] else 'MISSED'}; wrote {args.out}")
 
 

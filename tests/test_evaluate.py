@@ -15,7 +15,6 @@ import pytest
 from eval.data import load_tasks
 from eval.errors import HarnessError
 from eval.evaluate import GroundTruth, evaluate_samples, load_samples, write_eval_results
-from tests.conftest import canonical_samples
 from eval.sandbox import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
