@@ -20,7 +20,10 @@ LAUNCHER ?= local
 HYDRA_LAUNCHER := $(if $(filter submitit_slurm slurm,$(LAUNCHER)),slurm,$(LAUNCHER))
 ARGS ?=
 PYTEST_ARGS ?=
-SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) $(ARGS)
+# The protocol `make reproduce` runs: authors (the paper authors' code, as the numbers were produced) or
+# evalplus (EvalPlus-standard prompts, stops and releases). README "Protocols".
+PROTOCOL ?= authors
+SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) $(ARGS)
 
 .PHONY: help install test bench demo reproduce tables figures clean
 
@@ -46,13 +49,14 @@ bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
 	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
+	$(PY) scripts/run.py -m +experiment=demo_authors $(ARGS)
 	$(PY) scripts/attention.py -m +experiment=demo_attention $(ARGS)
 	$(PY) scripts/aggregate.py
 
-reproduce: install  ## the paper's full grid (GPUs + internet; LAUNCHER=submitit_slurm on a cluster)
+reproduce: install  ## the paper's full grid (GPUs + internet; PROTOCOL=authors|evalplus; LAUNCHER=submitit_slurm)
 	$(SWEEP) +experiment=omega_sweep
 	$(SWEEP) +experiment=anchor_ablation
-	$(PY) scripts/attention.py -m hydra/launcher=$(HYDRA_LAUNCHER) +experiment=attention $(ARGS)
+	$(PY) scripts/attention.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) +experiment=attention $(ARGS)
 	$(MAKE) tables figures
 
 tables: install  ## rebuild the paper's tables from results/runs -> results/tables/

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from eval.errors import HarnessError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CHECKED_GROUPS = ("model", "benchmark", "anchor", "spa", "generation", "quantization", "paths", "executor", "experiment")
+CHECKED_GROUPS = ("model", "benchmark", "anchor", "protocol", "spa", "generation", "quantization", "paths", "executor", "experiment")
 
 
 def group_options(group: str) -> list[str]:

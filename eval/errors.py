@@ -1,15 +1,13 @@
-"""User-facing errors: one paragraph naming the bad value and the fix (see README "Errors")."""
+"""User-facing errors: one paragraph naming the bad value and the fix (see README "Errors").
 
+The library's own errors are the harness's: ``HarnessError`` IS ``spa.errors.SPAError``, so the CLI
+reports errors raised inside ``spa`` the same way.
+"""
 
-class HarnessError(Exception):
-    """An error caused by input or environment, reported to the user without a traceback."""
+from spa.errors import ConfigError, SPAError as HarnessError
 
-    exit_code = 2
+__all__ = ["ConfigError", "DatasetError", "HarnessError"]
 
 
 class DatasetError(HarnessError):
     """A benchmark file is missing, corrupt or of the wrong version."""
-
-
-class ConfigError(HarnessError):
-    """A configuration value is invalid."""

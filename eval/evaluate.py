@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.data import REPO_ROOT, benchmark_spec, dataset_sha256, load_tasks
+from eval.benchmarks.data import REPO_ROOT, benchmark_spec, dataset_sha256, load_tasks
 from eval.errors import ConfigError, HarnessError
 from eval.sandbox import PASS, Phase, PhaseVerdict, Recording, Sandbox, SandboxConfig, Suite
 
@@ -315,16 +315,18 @@ def evaluate_samples(
     progress: bool = True,
     sandbox_config: SandboxConfig | None = None,
     limits: Limits | None = None,
+    dataset_version: str | None = None,
 ) -> dict:
     """Judges every sample; returns the eval_results structure (see the module docstring).
 
-    ``n_workers`` defaults to the number of CPUs; results do not depend on it.
+    ``n_workers`` defaults to the number of CPUs; results do not depend on it. ``dataset_version`` is
+    the EvalPlus release whose tests judge the samples (None: the newest, see ``eval.benchmarks.data``).
     """
-    benchmark_spec(benchmark)  # a clear error for an unknown name
+    spec = benchmark_spec(benchmark, dataset_version)  # a clear error for an unknown name or release
     limits = limits or Limits()
-    tasks = load_tasks(benchmark, data_dir)
+    tasks = load_tasks(benchmark, data_dir, spec.version)
     programs = _programs(samples, tasks, benchmark)
-    sha256 = dataset_sha256(benchmark, data_dir)
+    sha256 = dataset_sha256(benchmark, data_dir, spec.version)
     sandbox = Sandbox(sandbox_config, n_workers)
     truth = GroundTruth.load_or_compute(benchmark, tasks, sandbox, sha256=sha256, cache_dir=cache_dir, limits=limits, progress=progress)
     suites = {
@@ -339,7 +341,8 @@ def evaluate_samples(
     # Longest first (by the canonical solution's CPU time) keeps all workers busy until the end.
     order = sorted(range(len(programs)), key=lambda k: -sum(map(sum, truth.tasks[programs[k][0]].cpu_times)))
     verdicts = dict(zip(order, _parallel(judge, order, sandbox.n_workers, progress, f"{benchmark} samples")))
-    return _results(benchmark, sha256, tasks, programs, [verdicts[k] for k in range(len(programs))], sandbox, limits)
+    results = _results(benchmark, sha256, tasks, programs, [verdicts[k] for k in range(len(programs))], sandbox, limits)
+    return {**results, "dataset_version": spec.version}
 
 
 def _parallel(work, items: list, n_workers: int, progress: bool, description: str) -> list:

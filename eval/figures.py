@@ -1,7 +1,8 @@
 """Matplotlib figures of the aggregator: Figure 4 (Pass@1 vs omega) and the attention-dilution
 Figures 2 and 3 (plus omega = 1 versus SPA).
 
-Functions take tidy frames built by ``eval.report`` and return a ``Figure``; ``render`` turns it
+Functions take tidy frames built by ``eval.report`` (one protocol's data per figure; the caller names
+the files ``<stem>-<protocol>``) and return a ``Figure``; ``render`` turns it
 into PNG and PDF bytes so that the caller writes every output at once. Figures are drawn on
 ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so nothing global (backend,
 open-figure registry) changes and nothing interactive is needed.
@@ -18,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["Figure", "attention_figure", "omega_sweep_figure", "render", "spa_vs_plain_figure"]
+__all__ = ["Figure", "attention_figure", "omega_sweep_figure", "render", "spa_vs_plain_figure", "step_axis_end"]
 
 KIND_TITLES = {"self": "Self-attention (last layer)", "gradient": "Gradient-based attention"}
 
@@ -29,10 +30,18 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def omega_sweep_figure(sweep: pd.DataFrame, panels: Sequence[str], colors: Mapping[str, str]) -> Figure:
+def step_axis_end(steps: pd.Series, max_step: int) -> int:
+    """Right end of a generated-token axis: where the data ends (tokens 0..last step), at most ``max_step``."""
+    return max(1, min(int(max_step), int(steps.max()) + 1)) if len(steps) else int(max_step)
+
+
+def omega_sweep_figure(
+    sweep: pd.DataFrame, panels: Sequence[str], colors: Mapping[str, str], title: str | None = None
+) -> Figure:
     """One panel per benchmark column: Pass@1 (%) against omega, one line per model, omega = 1 marked.
 
-    ``sweep``: columns model (display name), benchmark, omega, pass_at_1.
+    ``sweep``: columns model (display name), benchmark, omega, pass_at_1; ``title``: above the panels
+    (e.g. the protocol).
     """
     figure = _new_figure(3.6 * len(panels), 3.4)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
@@ -48,6 +57,8 @@ def omega_sweep_figure(sweep: pd.DataFrame, panels: Sequence[str], colors: Mappi
         ax.set_xlabel("ω (1 = plain model, dashed)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Pass@1 (%)")
+    if title:
+        figure.suptitle(title)
     _legend_below(figure, axes)
     return figure
 
@@ -77,6 +88,7 @@ def attention_figure(
 ) -> Figure:
     """Figures 2 and 3: % of attention on the prompt per generated token, one line per model with
     a 95% band; a lower panel counts the sequences still generating (the mean gets noisy as they end).
+    The token axis ends where the data ends, at most at ``max_step``.
 
     ``curves``: columns label (model display name), step, mean, low, high, n.
     """
@@ -92,7 +104,7 @@ def attention_figure(
     top.legend(fontsize="small")
     bottom.set_ylabel("Sequences\nalive")
     bottom.set_xlabel("Generated tokens")
-    bottom.set_xlim(0, max_step)
+    bottom.set_xlim(0, step_axis_end(curves["step"], max_step))
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
     return figure
@@ -102,11 +114,13 @@ def _omega_label(omega: float) -> str:
     return f"ω = {omega:g}"
 
 
-def spa_vs_plain_figure(curves: pd.DataFrame, models: Sequence[str], max_step: int) -> Figure:
+def spa_vs_plain_figure(curves: pd.DataFrame, models: Sequence[str], max_step: int, title: str | None = None) -> Figure:
     """Per model (columns) and attention kind (rows): omega = 1 against the model's SPA omega(s).
+    The token axis ends where the data ends, at most at ``max_step``.
 
     ``curves``: columns label (model display name), kind, omega, step, mean, low, high.
     """
+    end = step_axis_end(curves["step"], max_step)
     kinds = [k for k in KIND_TITLES if k in set(curves["kind"])]
     figure = _new_figure(3.6 * len(models), 2.8 * len(kinds) + 0.4)
     axes = figure.subplots(len(kinds), len(models), squeeze=False, sharex=True)
@@ -121,13 +135,15 @@ def spa_vs_plain_figure(curves: pd.DataFrame, models: Sequence[str], max_step: i
             colors = {_omega_label(w): "black" if np.isclose(w, 1.0) else f"C{i % 10}" for i, w in enumerate(omegas)}
             _draw_curves(ax, data, "series", names, colors)
             ax.set_title(f"{model}\n{KIND_TITLES[kind]}", fontsize="medium")
-            ax.set_xlim(0, max_step)
+            ax.set_xlim(0, end)
             ax.grid(alpha=0.3)
             if names:
                 ax.legend(fontsize="small")
         axes[row][0].set_ylabel("Attention on the prompt (%)")
     for ax in axes[-1]:
         ax.set_xlabel("Generated tokens")
+    if title:
+        figure.suptitle(title)
     return figure
 
 

@@ -1,10 +1,13 @@
 """Aggregation of finished runs into the paper's Tables 1-3 and Figures 2-4, with statistics.
 
 Reads ``results/runs`` (layout in docs/aggregation.md), pairs every SPA cell with its omega = 1
-baseline and puts the result next to the paper's numbers (``results/paper/*.csv``). Beyond the
-paper it reports, for every SPA-minus-baseline gain, a paired-bootstrap 95% CI over tasks and an
-exact McNemar p-value, and an omega chosen honestly by k-fold cross-validation over tasks next to
-the test-set-optimal omega the paper reports.
+baseline of the same protocol and puts the result next to the paper's numbers
+(``results/paper/*.csv``). Results of different protocols (``evalplus``, ``authors``) never share a
+number: every row names its protocol, and pairing, baselines and omega sweeps stay within one.
+Beyond the paper it reports, for every SPA-minus-baseline gain, a paired-bootstrap 95% CI over
+tasks and an exact McNemar p-value, and an omega chosen honestly by k-fold cross-validation over
+tasks next to the test-set-optimal omega the paper reports. As in the paper, one omega is chosen
+per dataset pair (HumanEval with HumanEval+, MBPP with MBPP+).
 
 Everything is computed in memory first (``aggregate``); ``write_outputs`` then replaces each file
 atomically, so bad input (a ``HarnessError``) leaves earlier outputs untouched.
@@ -28,7 +31,9 @@ from eval.errors import ConfigError, HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_DIR = REPO_ROOT / "results" / "paper"
-PAPER = "Tian & Zhang, ICML 2025"
+# The paper text transcribed in results/paper/ (../shared/paper/selective-prompt-anchoring.txt): the
+# arXiv:2408.09121 version with five models and four benchmarks ("up to 9.7%"); it names no venue.
+PAPER = "Tian & Zhang (arXiv:2408.09121, 5-model version)"
 
 # Table column -> (benchmark whose runs hold it, per-sample status that decides a pass).
 # A plus pass already requires the base tests to pass; the evaluator's plus_status is used as given.
@@ -38,6 +43,12 @@ BENCHMARK_COLUMNS: dict[str, tuple[str, str]] = {
     "MBPP": ("mbpp", "base_status"),
     "MBPP+": ("mbpp", "plus_status"),
 }
+
+# One omega per dataset pair, as the paper's Table 3 (the run benchmark holds both columns of its pair).
+DATASET_PAIRS: dict[str, tuple[str, str]] = {"humaneval": ("HumanEval", "HumanEval+"), "mbpp": ("MBPP", "MBPP+")}
+
+# Protocols in display order (eval/benchmarks/protocols.py); any other protocol follows by name.
+PROTOCOL_ORDER: tuple[str, ...] = ("evalplus", "authors")
 
 # The paper's five models in its Table 1 row order, then the offline demo model.
 MODEL_NAMES: dict[str, str] = {
@@ -123,25 +134,31 @@ class Cell:
     experiment: str
     model: str
     benchmark: str
+    protocol: str
     anchor: str
     omega: float
     path: Path
-    fingerprint: str  # model, generation settings and dataset hash: equal ones may share a baseline
+    fingerprint: str  # protocol, model, generation settings, dataset hash: equal ones may share a baseline
     scores: pd.DataFrame  # index task_id; the benchmark's two table columns; per-task pass rate in [0, 1]
 
 
 @dataclass
 class Runs:
     cells: list[Cell]
-    attention: pd.DataFrame  # model, benchmark, omega, kind, task_id, step, share
+    attention: pd.DataFrame  # protocol, model, benchmark, omega, kind, task_id, step, share
     skipped: list[str] = field(default_factory=list)  # "path: reason" for cells that do not count
 
-    def find(self, model: str, benchmark: str, anchor: str, omega: float) -> list[Cell]:
+    def find(self, model: str, benchmark: str, protocol: str | None, anchor: str, omega: float) -> list[Cell]:
         return [
             c
             for c in self.cells
-            if (c.model, c.benchmark, c.anchor) == (model, benchmark, anchor) and math.isclose(c.omega, omega)
+            if (c.model, c.benchmark, c.protocol, c.anchor) == (model, benchmark, protocol, anchor)
+            and math.isclose(c.omega, omega)
         ]
+
+    @property
+    def protocols(self) -> list[str]:
+        return protocol_order(c.protocol for c in self.cells)
 
 
 def _corrupt(path: Path, problem: str) -> HarnessError:
@@ -172,11 +189,13 @@ def _omega_key(omega: float) -> float:
 
 
 def _cell_keys(manifest: Mapping, path: Path) -> dict[str, object]:
+    """The cell's keys from its manifest (``protocol`` is None for a manifest written before protocols)."""
     model = _field(manifest, "model", dict, path)
     keys = {
         "experiment": _field(manifest, "experiment", str, path),
         "model": _field(model, "name", str, path),
         "benchmark": _field(manifest, "benchmark", str, path),
+        "protocol": None if "protocol" not in manifest else _field(manifest, "protocol", str, path),
         "omega": _omega_key(_field(manifest, "omega", (int, float), path)),
         "status": _field(manifest, "status", str, path),
     }
@@ -218,8 +237,18 @@ def _scores(results: object, benchmark: str, path: Path) -> pd.DataFrame:
 
 
 def _fingerprint(manifest: Mapping, results: Mapping) -> str:
+    """What must be equal for two experiments to share an omega = 1 baseline: protocol (name and
+    settings), model, generation settings and dataset hash."""
     return json.dumps(
-        [manifest.get("model"), manifest.get("generation"), results.get("dataset_sha256")], sort_keys=True, default=str
+        [
+            manifest.get("protocol"),
+            manifest.get("protocol_settings"),
+            manifest.get("model"),
+            manifest.get("generation"),
+            results.get("dataset_sha256"),
+        ],
+        sort_keys=True,
+        default=str,
     )
 
 
@@ -249,6 +278,7 @@ def _attention_records(path: Path, keys: Mapping[str, object]) -> list[pd.DataFr
                     pd.DataFrame(measured).assign(
                         task_id=task_id,
                         kind=kind,
+                        protocol=keys["protocol"],
                         model=keys["model"],
                         benchmark=keys["benchmark"],
                         omega=keys["omega"],
@@ -257,7 +287,7 @@ def _attention_records(path: Path, keys: Mapping[str, object]) -> list[pd.DataFr
     return frames
 
 
-ATTENTION_COLUMNS = ["model", "benchmark", "omega", "kind", "task_id", "step", "share"]
+ATTENTION_COLUMNS = ["protocol", "model", "benchmark", "omega", "kind", "task_id", "step", "share"]
 
 
 def load_runs(runs_dir: Path) -> Runs:
@@ -270,7 +300,7 @@ def load_runs(runs_dir: Path) -> Runs:
     if not runs_dir.is_dir():
         raise HarnessError(
             f"Runs directory {runs_dir} does not exist. Run some cells first (e.g. `make demo`) or pass "
-            f"runs_dir=<the directory holding <experiment>/<model>/<benchmark>/...>. Nothing was written."
+            f"runs_dir=<the directory holding <experiment>/<model>/<benchmark>/<protocol>/...>. Nothing was written."
         )
     cells: list[Cell] = []
     attention: list[pd.DataFrame] = []
@@ -281,8 +311,14 @@ def load_runs(runs_dir: Path) -> Runs:
         if not isinstance(manifest, dict):
             raise _corrupt(manifest_path, "is not a JSON object")
         keys = _cell_keys(manifest, manifest_path)
+        if keys["protocol"] is None:
+            skipped.append(
+                f"{cell_dir}: its manifest names no protocol (a run from before protocols existed, in the old "
+                f"layout without a <protocol>/ level); rerun the cell to count it"
+            )
+            continue
         is_attention = keys["experiment"] == ATTENTION_EXPERIMENT
-        layout = ("experiment", "model", "benchmark") + (() if is_attention else ("anchor",))
+        layout = ("experiment", "model", "benchmark", "protocol") + (() if is_attention else ("anchor",))
         path_keys = _keys_from_path(cell_dir.relative_to(runs_dir).parts, layout)
         if path_keys is None:
             skipped.append(f"{cell_dir}: not a cell directory of the results layout")
@@ -310,6 +346,7 @@ def load_runs(runs_dir: Path) -> Runs:
                 experiment=str(keys["experiment"]),
                 model=str(keys["model"]),
                 benchmark=str(keys["benchmark"]),
+                protocol=str(keys["protocol"]),
                 anchor=str(keys["anchor"]),
                 omega=float(keys["omega"]),
                 path=cell_dir,
@@ -421,7 +458,13 @@ class OmegaSelection:
     """Omega chosen by k-fold cross-validation over tasks, scored on the held-out folds."""
 
     fold_omegas: tuple[float, ...]
-    held_out: pd.Series  # per task: its pass rate at the omega chosen without seeing its fold
+    held_out: pd.Series  # per task: its score (on the selection scores) at the omega chosen without its fold
+    fold_tasks: tuple[tuple[object, ...], ...] = ()  # the task ids of each fold, in fold order
+
+    @property
+    def n_folds(self) -> int:
+        """Folds actually used: ``min(k, number of tasks)``."""
+        return len(self.fold_omegas)
 
     @property
     def mean_omega(self) -> float:
@@ -431,23 +474,33 @@ class OmegaSelection:
     def pass_at_1(self) -> float:
         return 100 * float(self.held_out.mean())
 
+    def held_out_of(self, scores: pd.DataFrame) -> pd.Series:
+        """Per task of ``scores`` (same tasks and omegas as the selection's): its pass rate at the omega
+        its fold was given. Lets one pair-level choice be scored on each column of the pair."""
+        held_out = pd.Series(np.nan, index=scores.index)
+        for tasks, omega in zip(self.fold_tasks, self.fold_omegas):
+            held_out.loc[list(tasks)] = scores.loc[list(tasks), omega].to_numpy()
+        return held_out
+
 
 def cross_validate_omega(scores: pd.DataFrame, folds: int, seed: int) -> OmegaSelection:
     """Tune omega on k-1 folds of tasks (``select_omega``), score the held-out fold, for each fold.
 
-    ``scores``: index task_id, one column per omega, per-task pass rates. Folds are a seeded random
-    partition of the tasks (at most one fold per task).
+    ``scores``: index task_id, one column per omega, per-task scores (pass rates, or for a dataset
+    pair the mean of the base and plus pass rates). Folds are a seeded random partition of the
+    tasks; with fewer tasks than ``folds`` each task is its own fold (``n_folds`` says how many).
     """
     order = np.random.default_rng(seed).permutation(len(scores))
     held_out = pd.Series(np.nan, index=scores.index)
-    chosen = []
+    chosen, fold_tasks = [], []
     for test in np.array_split(order, min(folds, len(scores))):
         train = np.ones(len(scores), dtype=bool)
         train[test] = False
         omega = select_omega(scores.iloc[train].mean())
         chosen.append(omega)
+        fold_tasks.append(tuple(scores.index[test]))
         held_out.iloc[test] = scores.iloc[test][omega].to_numpy()
-    return OmegaSelection(fold_omegas=tuple(chosen), held_out=held_out)
+    return OmegaSelection(fold_omegas=tuple(chosen), held_out=held_out, fold_tasks=tuple(fold_tasks))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,9 +512,10 @@ def _preference(settings: Settings) -> Callable[[Cell], tuple[bool, str]]:
 
 
 def baseline_of(cell: Cell, runs: Runs) -> Cell | None:
-    """The omega = 1 cell to compare ``cell`` with: same experiment, else another experiment's whose
-    model, generation settings and dataset match exactly (else None: missing)."""
-    candidates = runs.find(cell.model, cell.benchmark, BASELINE_ANCHOR, BASELINE_OMEGA)
+    """The omega = 1 cell to compare ``cell`` with, always of the same protocol: same experiment,
+    else another experiment's whose protocol settings, model, generation settings and dataset match
+    exactly (else None: missing)."""
+    candidates = runs.find(cell.model, cell.benchmark, cell.protocol, BASELINE_ANCHOR, BASELINE_OMEGA)
     same = [c for c in candidates if c.experiment == cell.experiment]
     matching = sorted((c for c in candidates if c.fingerprint == cell.fingerprint), key=lambda c: c.experiment)
     return (same + matching or [None])[0]
@@ -473,9 +527,11 @@ class Pair:
     baseline: Cell | None
 
 
-def spa_pair(runs: Runs, model: str, benchmark: str, anchor: str, omega: float, settings: Settings) -> Pair | None:
+def spa_pair(
+    runs: Runs, model: str, benchmark: str, protocol: str | None, anchor: str, omega: float, settings: Settings
+) -> Pair | None:
     """The SPA cell for these keys (preferred experiment first, one with a baseline first) and its baseline."""
-    candidates = sorted(runs.find(model, benchmark, anchor, omega), key=_preference(settings))
+    candidates = sorted(runs.find(model, benchmark, protocol, anchor, omega), key=_preference(settings))
     pairs = [Pair(cell, baseline_of(cell, runs)) for cell in candidates]
     return next((p for p in pairs if p.baseline is not None), pairs[0] if pairs else None)
 
@@ -487,7 +543,7 @@ def _aligned(columns: Mapping[object, pd.Series]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Sweep:
-    """The omega grid of one model and benchmark (anchor NL), taken from one experiment."""
+    """The omega grid of one model, benchmark and protocol (anchor NL), taken from one experiment."""
 
     experiment: str
     cells: dict[float, Cell]  # omega -> cell; 1.0 is the baseline
@@ -495,15 +551,20 @@ class Sweep:
     def scores(self, column: str) -> pd.DataFrame:
         return _aligned({omega: cell.scores[column] for omega, cell in sorted(self.cells.items())})
 
+    def pair_scores(self) -> pd.DataFrame:
+        """Per task and omega: the mean of its base and plus pass rates (the dataset pair's score)."""
+        return _aligned({omega: cell.scores.mean(axis=1) for omega, cell in sorted(self.cells.items())})
 
-def find_sweeps(runs: Runs, settings: Settings) -> dict[tuple[str, str], Sweep]:
-    """Per (model, benchmark): the experiment with the most omegas for anchor NL (ties: preferred
-    experiment, then name), plus its baseline. Grids are never merged across experiments."""
-    grids: dict[tuple[str, str], list[Sweep]] = {}
+
+def find_sweeps(runs: Runs, settings: Settings) -> dict[tuple[str, str, str], Sweep]:
+    """Per (model, benchmark, protocol): the experiment with the most omegas for anchor NL (ties:
+    preferred experiment, then name), plus its baseline (same protocol). Grids are never merged
+    across experiments or protocols."""
+    grids: dict[tuple[str, str, str], list[Sweep]] = {}
     for cell in runs.cells:
         if cell.anchor != SPA_ANCHOR or math.isclose(cell.omega, BASELINE_OMEGA):
             continue
-        group = grids.setdefault((cell.model, cell.benchmark), [])
+        group = grids.setdefault((cell.model, cell.benchmark, cell.protocol), [])
         sweep = next((s for s in group if s.experiment == cell.experiment), None)
         if sweep is None:
             sweep = Sweep(cell.experiment, {})
@@ -529,6 +590,13 @@ def display_name(model: str) -> str:
     return MODEL_NAMES.get(model, model)
 
 
+def protocol_order(protocols: Iterable[str | None]) -> list[str]:
+    """The protocols present, in ``PROTOCOL_ORDER`` first, then any other by name."""
+    present = {p for p in protocols if isinstance(p, str)}
+    known = [p for p in PROTOCOL_ORDER if p in present]
+    return known + sorted(present - set(known))
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables
 
@@ -538,51 +606,71 @@ class Context:
     runs: Runs
     paper: PaperTables
     settings: Settings
-    sweeps: dict[tuple[str, str], Sweep]
+    sweeps: dict[tuple[str, str, str], Sweep]
 
     @property
     def models(self) -> list[str]:
         paper_models = [m for m, _ in self.paper.pass_at_1.index]
         return model_order([*paper_models, *(c.model for c in self.runs.cells)])
 
+    @property
+    def protocols(self) -> list[str | None]:
+        """Protocols with any cell; ``[None]`` (one row, protocol missing) when nothing was run."""
+        return self.runs.protocols or [None]
+
+    def model_protocols(self, model: str) -> list[str | None]:
+        """The protocols a model has cells of; ``[None]`` for a model with no runs (its row still
+        carries the paper's numbers)."""
+        return protocol_order(c.protocol for c in self.runs.cells if c.model == model) or [None]
+
     def stats(self, differences: np.ndarray) -> GainStats:
         return paired_gain(differences, self.settings.bootstrap_resamples, self.settings.seed)
 
 
-def spa_omega(ctx: Context, model: str, column: str) -> tuple[float, str]:
-    """The omega Table 1 (and Table 2) uses, and where it comes from.
+def paper_pair_omega(ctx: Context, model: str, benchmark: str) -> float:
+    """The paper's Table 3 omega for a dataset pair (it prints one value for both columns of a pair)."""
+    for column in DATASET_PAIRS[benchmark]:
+        omega = ctx.paper.value("optimal_omega", (model, column), "omega")
+        if not math.isnan(omega):
+            return omega
+    return math.nan
+
+
+def spa_omega(ctx: Context, model: str, benchmark: str, protocol: str | None) -> tuple[float, str]:
+    """The omega Table 1 (and Table 2) uses for a dataset pair under one protocol, and where it comes from.
 
     The paper's Table 3 value for its models; otherwise the single omega the preferred (table1)
-    experiment ran; otherwise the test-set argmax over the omegas that exist (optimistic, labelled so).
+    experiment ran; otherwise the test-set argmax of the pair score (mean of base and plus Pass@1)
+    over the omegas that exist (optimistic, labelled so). HumanEval and HumanEval+ (MBPP and MBPP+)
+    therefore always share an omega.
     """
-    paper_omega = ctx.paper.value("optimal_omega", (model, column), "omega")
+    paper_omega = paper_pair_omega(ctx, model, benchmark)
     if not math.isnan(paper_omega):
         return paper_omega, "paper Table 3"
-    benchmark = BENCHMARK_COLUMNS[column][0]
     experiment = ctx.settings.table1_experiment
     ran = {
-        c.omega: c.scores[column].mean()
+        c.omega: float(c.scores.mean(axis=1).mean())
         for c in ctx.runs.cells
-        if (c.experiment, c.model, c.benchmark, c.anchor) == (experiment, model, benchmark, SPA_ANCHOR)
+        if (c.experiment, c.model, c.benchmark, c.protocol, c.anchor) == (experiment, model, benchmark, protocol, SPA_ANCHOR)
         and not math.isclose(c.omega, BASELINE_OMEGA)
     }
     if len(ran) == 1:
         return next(iter(ran)), f"{experiment} run"
-    if not ran and (model, benchmark) in ctx.sweeps:
-        sweep_scores = ctx.sweeps[(model, benchmark)].scores(column)
-        ran = sweep_scores.drop(columns=BASELINE_OMEGA, errors="ignore").mean().to_dict()
+    sweep = ctx.sweeps.get((model, benchmark, protocol))
+    if not ran and sweep is not None:
+        ran = sweep.pair_scores().drop(columns=BASELINE_OMEGA, errors="ignore").mean().to_dict()
     if ran:
         return select_omega(pd.Series(ran)), "test-set argmax (optimistic)"
     return math.nan, "no SPA run"
 
 
-def paired_scores(ctx: Context, model: str, column: str, anchor: str, omega: float) -> pd.DataFrame:
-    """Per-task ``baseline`` and ``spa`` pass rates on the tasks both cells have; a missing cell is
-    a NaN column (the frame is empty when neither exists)."""
+def paired_scores(ctx: Context, model: str, column: str, protocol: str | None, anchor: str, omega: float) -> pd.DataFrame:
+    """Per-task ``baseline`` and ``spa`` pass rates (one protocol) on the tasks both cells have; a
+    missing cell is a NaN column (the frame is empty when neither exists)."""
     benchmark = BENCHMARK_COLUMNS[column][0]
-    pair = None if math.isnan(omega) else spa_pair(ctx.runs, model, benchmark, anchor, omega, ctx.settings)
+    pair = None if math.isnan(omega) else spa_pair(ctx.runs, model, benchmark, protocol, anchor, omega, ctx.settings)
     if pair is None:
-        baselines = ctx.runs.find(model, benchmark, BASELINE_ANCHOR, BASELINE_OMEGA)
+        baselines = ctx.runs.find(model, benchmark, protocol, BASELINE_ANCHOR, BASELINE_OMEGA)
         if baselines:  # show the plain model's Pass@1 even without an SPA cell to compare
             baselines.sort(key=_preference(ctx.settings))
             return pd.DataFrame({"baseline": baselines[0].scores[column], "spa": math.nan})
@@ -596,26 +684,49 @@ def _is_paired(scores: pd.DataFrame) -> bool:
     return not scores.empty and bool(scores.notna().all().all())
 
 
-def _cv_row(ctx: Context, model: str, column: str) -> dict[str, object]:
-    """Cross-validated omega and its held-out Pass@1 and gain (NaN without a sweep of >= 2 omegas)."""
-    sweep = ctx.sweeps.get((model, BENCHMARK_COLUMNS[column][0]))
-    scores = sweep.scores(column) if sweep else pd.DataFrame()
+def _fold_text(omegas: Iterable[float]) -> str:
+    return " ".join(f"{w:g}" for w in omegas)
+
+
+def _pair_cv(ctx: Context, model: str, benchmark: str, protocol: str | None) -> tuple[Sweep | None, OmegaSelection | None]:
+    """The sweep of a dataset pair and its cross-validated omega, chosen on the pair score (mean of
+    base and plus pass per task); None without a sweep of >= 2 omegas."""
+    sweep = ctx.sweeps.get((model, benchmark, protocol))
+    if sweep is None:
+        return None, None
+    pair = sweep.pair_scores()
+    if pair.shape[1] < 2 or pair.empty:
+        return sweep, None
+    return sweep, cross_validate_omega(pair, ctx.settings.cv_folds, ctx.settings.seed)
+
+
+def _cv_columns(
+    ctx: Context, sweep: Sweep | None, selection: OmegaSelection | None, column: str, prefix: str
+) -> dict[str, object]:
+    """Held-out Pass@1 of one column at the pair's per-fold omegas, and its gain over omega = 1
+    (NaN without a selection)."""
+    if sweep is None or selection is None:
+        return {f"{prefix}spa": math.nan} | _gain_row(f"{prefix}", GainStats.missing())
+    scores = sweep.scores(column)
+    held_out = selection.held_out_of(scores)
+    gain = GainStats.missing()
+    if BASELINE_OMEGA in scores.columns:
+        gain = ctx.stats((held_out - scores[BASELINE_OMEGA]).to_numpy())
+    return {f"{prefix}spa": 100 * float(held_out.mean())} | _gain_row(prefix, gain)
+
+
+def _cv_row(ctx: Context, model: str, column: str, protocol: str | None) -> dict[str, object]:
+    """Table 1's CV columns: the pair-level cross-validated omega and this column's held-out Pass@1
+    and gain (NaN without a sweep of >= 2 omegas)."""
+    sweep, selection = _pair_cv(ctx, model, BENCHMARK_COLUMNS[column][0], protocol)
     row: dict[str, object] = {
         "sweep_experiment": sweep.experiment if sweep else None,
-        "sweep_omegas": " ".join(f"{w:g}" for w in scores.columns),
+        "sweep_omegas": _fold_text(sweep.pair_scores().columns) if sweep else "",
+        "cv_folds": selection.n_folds if selection else math.nan,
+        "cv_omega": selection.mean_omega if selection else math.nan,
+        "cv_fold_omegas": _fold_text(selection.fold_omegas) if selection else "",
     }
-    if scores.shape[1] < 2 or scores.empty:
-        no_cv = {"cv_omega": math.nan, "cv_fold_omegas": "", "cv_spa": math.nan}
-        return row | no_cv | _gain_row("cv_", GainStats.missing())
-    selection = cross_validate_omega(scores, ctx.settings.cv_folds, ctx.settings.seed)
-    cv_gain = GainStats.missing()
-    if BASELINE_OMEGA in scores.columns:
-        cv_gain = ctx.stats((selection.held_out - scores[BASELINE_OMEGA]).to_numpy())
-    return row | {
-        "cv_omega": selection.mean_omega,
-        "cv_fold_omegas": " ".join(f"{w:g}" for w in selection.fold_omegas),
-        "cv_spa": selection.pass_at_1,
-    } | _gain_row("cv_", cv_gain)
+    return row | _cv_columns(ctx, sweep, selection, column, "cv_")
 
 
 def _gain_row(prefix: str, stats: GainStats) -> dict[str, float]:
@@ -628,127 +739,162 @@ def _gain_row(prefix: str, stats: GainStats) -> dict[str, float]:
 
 
 def build_table1(ctx: Context) -> pd.DataFrame:
-    """Per model and benchmark column: baseline and SPA Pass@1 (anchor NL), gain with CI and
-    p-value, the paper's numbers, and the cross-validated omega's held-out result."""
+    """Per model, benchmark column and protocol (protocols adjacent): baseline and SPA Pass@1
+    (anchor NL), gain with CI and p-value, the paper's numbers, and the cross-validated omega's
+    held-out result. Both columns of a dataset pair use the same omega."""
     rows = []
     for model in ctx.models:
-        for column in BENCHMARK_COLUMNS:
-            omega, source = spa_omega(ctx, model, column)
-            pairs = paired_scores(ctx, model, column, SPA_ANCHOR, omega)
-            stats = ctx.stats((pairs.spa - pairs.baseline).to_numpy()) if _is_paired(pairs) else GainStats.missing()
-            paper_key = (model, column)
-            rows.append(
-                {
-                    "model": display_name(model),
-                    "model_key": model,
-                    "benchmark": column,
-                    "omega": omega,
-                    "omega_source": source,
-                    "n_tasks": len(pairs) or math.nan,
-                    "baseline": 100 * pairs.baseline.mean(),  # NaN for a missing cell
-                    "spa": 100 * pairs.spa.mean(),
-                    **_gain_row("", stats),
-                    "paper_baseline": ctx.paper.value("pass_at_1", paper_key, "baseline"),
-                    "paper_spa": ctx.paper.value("pass_at_1", paper_key, "spa"),
-                    "paper_gain": ctx.paper.value("pass_at_1", paper_key, "gain"),
-                    **_cv_row(ctx, model, column),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def build_table2(ctx: Context) -> pd.DataFrame:
-    """Mean gain over models per anchored text and benchmark column (each model at its Table 1
-    omega), with a CI and p-value that resample tasks jointly for all models."""
-    rows = []
-    for anchor, anchor_name in TABLE2_ANCHORS.items():
+        protocols = ctx.model_protocols(model)
         for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
-            applicable = (anchor, benchmark) not in NOT_APPLICABLE
-            differences = {}
-            for model in ctx.models if applicable else []:
-                pairs = paired_scores(ctx, model, column, anchor, spa_omega(ctx, model, column)[0])
-                if _is_paired(pairs):
-                    differences[model] = pairs.spa - pairs.baseline
-            stats = ctx.stats(_aligned(differences).to_numpy()) if differences else GainStats.missing()
-            rows.append(
-                {
-                    "anchor": anchor_name,
-                    "anchor_key": anchor,
-                    "benchmark": column,
-                    "applicable": applicable,
-                    "n_models": len(differences),
-                    "models": ", ".join(display_name(m) for m in differences),
-                    "n_tasks": stats.n_tasks or math.nan,
-                    **_gain_row("", stats),
-                    "paper_gain": ctx.paper.value("anchor_gain", (anchor, column), "gain"),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def build_table3(ctx: Context) -> pd.DataFrame:
-    """Per model and benchmark column: test-set-optimal omega over the sweep, the cross-validated
-    omega with its held-out Pass@1, and the paper's (test-set-optimal) omega."""
-    rows = []
-    for model in ctx.models:
-        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
-            sweep = ctx.sweeps.get((model, benchmark))
-            scores = sweep.scores(column) if sweep else pd.DataFrame()
-            pass_rates = 100 * scores.mean() if not scores.empty else pd.Series(dtype=float)
-            best = select_omega(pass_rates) if len(pass_rates) else math.nan
-            rows.append(
-                {
-                    "model": display_name(model),
-                    "model_key": model,
-                    "benchmark": column,
-                    "n_tasks": len(scores) or math.nan,
-                    "baseline": pass_rates.get(BASELINE_OMEGA, math.nan),
-                    "test_optimal_omega": best,
-                    "test_optimal_spa": pass_rates.get(best, math.nan),
-                    **_cv_row(ctx, model, column),
-                    "paper_omega": ctx.paper.value("optimal_omega", (model, column), "omega"),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def build_figure4_data(ctx: Context) -> pd.DataFrame:
-    """Pass@1 per model, benchmark column and omega of each sweep; the paper's Pass@1 where its
-    Table 1 gives one (omega = 1 and the paper's optimal omega; Figure 4 itself is only a plot)."""
-    rows = []
-    for model in ctx.models:
-        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
-            sweep = ctx.sweeps.get((model, benchmark))
-            if sweep is None:
-                continue
-            scores = sweep.scores(column)
-            paper_omega = ctx.paper.value("optimal_omega", (model, column), "omega")
-            for omega in scores.columns:
-                # The paper prints Pass@1 only at omega = 1 (baseline) and its optimal omega (SPA).
-                paper_value = math.nan
-                if math.isclose(omega, BASELINE_OMEGA) or math.isclose(omega, paper_omega):
-                    paper_column = "baseline" if math.isclose(omega, BASELINE_OMEGA) else "spa"
-                    paper_value = ctx.paper.value("pass_at_1", (model, column), paper_column)
+            for protocol in protocols:
+                omega, source = spa_omega(ctx, model, benchmark, protocol)
+                pairs = paired_scores(ctx, model, column, protocol, SPA_ANCHOR, omega)
+                paired = _is_paired(pairs)
+                stats = ctx.stats((pairs.spa - pairs.baseline).to_numpy()) if paired else GainStats.missing()
+                paper_key = (model, column)
                 rows.append(
                     {
                         "model": display_name(model),
                         "model_key": model,
                         "benchmark": column,
+                        "protocol": protocol,
                         "omega": omega,
-                        "experiment": sweep.experiment,
-                        "n_tasks": len(scores),
-                        "pass_at_1": 100 * scores[omega].mean(),
-                        "paper_pass_at_1": paper_value,
+                        "omega_source": source,
+                        "n_tasks": len(pairs) or math.nan,
+                        "baseline": 100 * pairs.baseline.mean(),  # NaN for a missing cell
+                        "spa": 100 * pairs.spa.mean(),
+                        **_gain_row("", stats),
+                        "paper_baseline": ctx.paper.value("pass_at_1", paper_key, "baseline"),
+                        "paper_spa": ctx.paper.value("pass_at_1", paper_key, "spa"),
+                        "paper_gain": ctx.paper.value("pass_at_1", paper_key, "gain"),
+                        **_cv_row(ctx, model, column, protocol),
                     }
                 )
-    columns = ["model", "model_key", "benchmark", "omega", "experiment", "n_tasks", "pass_at_1", "paper_pass_at_1"]
+    return pd.DataFrame(rows)
+
+
+def build_table2(ctx: Context) -> pd.DataFrame:
+    """Mean gain over models per anchored text, benchmark column and protocol (protocols adjacent;
+    each model at its Table 1 omega), with a CI and p-value that resample tasks jointly for all models."""
+    rows = []
+    for anchor, anchor_name in TABLE2_ANCHORS.items():
+        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
+            applicable = (anchor, benchmark) not in NOT_APPLICABLE
+            for protocol in ctx.protocols:
+                differences = {}
+                for model in ctx.models if applicable else []:
+                    omega = spa_omega(ctx, model, benchmark, protocol)[0]
+                    pairs = paired_scores(ctx, model, column, protocol, anchor, omega)
+                    if _is_paired(pairs):
+                        differences[model] = pairs.spa - pairs.baseline
+                stats = ctx.stats(_aligned(differences).to_numpy()) if differences else GainStats.missing()
+                rows.append(
+                    {
+                        "anchor": anchor_name,
+                        "anchor_key": anchor,
+                        "benchmark": column,
+                        "protocol": protocol,
+                        "applicable": applicable,
+                        "n_models": len(differences),
+                        "models": ", ".join(display_name(m) for m in differences),
+                        "n_tasks": stats.n_tasks or math.nan,
+                        **_gain_row("", stats),
+                        "paper_gain": ctx.paper.value("anchor_gain", (anchor, column), "gain"),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def build_table3(ctx: Context) -> pd.DataFrame:
+    """Per model, dataset pair (HumanEval with HumanEval+, MBPP with MBPP+) and protocol: ONE omega
+    for the pair, as the paper's Table 3. The test-set optimum and the cross-validated choice
+    maximise the pair score (per task, the mean of its base and plus pass); each is reported with
+    Pass@1 on both datasets; beside them the paper's (test-set-optimal) omega."""
+    rows = []
+    for model in ctx.models:
+        protocols = ctx.model_protocols(model)
+        for benchmark, (base_column, plus_column) in DATASET_PAIRS.items():
+            for protocol in protocols:
+                sweep, selection = _pair_cv(ctx, model, benchmark, protocol)
+                pair = sweep.pair_scores() if sweep else pd.DataFrame()
+                base = sweep.scores(base_column) if sweep else pd.DataFrame()
+                plus = sweep.scores(plus_column) if sweep else pd.DataFrame()
+                best = select_omega(pair.mean()) if not pair.empty else math.nan
+
+                def at(scores: pd.DataFrame, omega: float) -> float:
+                    present = not scores.empty and not math.isnan(omega) and omega in scores.columns
+                    return 100 * float(scores[omega].mean()) if present else math.nan
+
+                rows.append(
+                    {
+                        "model": display_name(model),
+                        "model_key": model,
+                        "benchmark": benchmark,
+                        "datasets": f"{base_column} / {plus_column}",
+                        "protocol": protocol,
+                        "sweep_experiment": sweep.experiment if sweep else None,
+                        "sweep_omegas": _fold_text(pair.columns),
+                        "n_tasks": len(pair) or math.nan,
+                        "baseline_base": at(base, BASELINE_OMEGA),
+                        "baseline_plus": at(plus, BASELINE_OMEGA),
+                        "test_optimal_omega": best,
+                        "test_optimal_base": at(base, best),
+                        "test_optimal_plus": at(plus, best),
+                        "cv_folds": selection.n_folds if selection else math.nan,
+                        "cv_fold_omegas": _fold_text(selection.fold_omegas) if selection else "",
+                        "cv_omega": selection.mean_omega if selection else math.nan,
+                        **_cv_columns(ctx, sweep, selection, base_column, "cv_base_"),
+                        **_cv_columns(ctx, sweep, selection, plus_column, "cv_plus_"),
+                        "paper_omega": paper_pair_omega(ctx, model, benchmark),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def build_figure4_data(ctx: Context) -> pd.DataFrame:
+    """Pass@1 per model, benchmark column, protocol and omega of each sweep; the paper's Pass@1
+    where its Table 1 gives one (omega = 1 and the paper's optimal omega; Figure 4 itself is only a plot)."""
+    rows = []
+    for model in ctx.models:
+        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
+            for protocol in ctx.model_protocols(model):
+                sweep = ctx.sweeps.get((model, benchmark, protocol))
+                if sweep is None:
+                    continue
+                scores = sweep.scores(column)
+                paper_omega = ctx.paper.value("optimal_omega", (model, column), "omega")
+                for omega in scores.columns:
+                    # The paper prints Pass@1 only at omega = 1 (baseline) and its optimal omega (SPA).
+                    paper_value = math.nan
+                    if math.isclose(omega, BASELINE_OMEGA) or math.isclose(omega, paper_omega):
+                        paper_column = "baseline" if math.isclose(omega, BASELINE_OMEGA) else "spa"
+                        paper_value = ctx.paper.value("pass_at_1", (model, column), paper_column)
+                    rows.append(
+                        {
+                            "model": display_name(model),
+                            "model_key": model,
+                            "benchmark": column,
+                            "protocol": protocol,
+                            "omega": omega,
+                            "experiment": sweep.experiment,
+                            "n_tasks": len(scores),
+                            "pass_at_1": 100 * scores[omega].mean(),
+                            "paper_pass_at_1": paper_value,
+                        }
+                    )
+    columns = ["model", "model_key", "benchmark", "protocol", "omega", "experiment", "n_tasks", "pass_at_1",
+               "paper_pass_at_1"]
     return pd.DataFrame(rows, columns=columns)
 
 
+ATTENTION_CURVE_KEYS = ["protocol", "model", "benchmark", "omega", "kind", "step"]
+
+
 def attention_curves(attention: pd.DataFrame, max_step: int) -> pd.DataFrame:
-    """Mean % of attention on the prompt per generated-token step over the tasks still generating,
-    with a 95% normal-approximation band (NaN where fewer than 2 tasks remain) and that count."""
-    keys = ["model", "benchmark", "omega", "kind", "step"]
+    """Mean % of attention on the prompt per protocol, model, omega, kind and generated-token step
+    over the tasks still generating, with a 95% normal-approximation band (NaN where fewer than 2
+    tasks remain) and that count."""
+    keys = ATTENTION_CURVE_KEYS
     data = attention[attention["step"] < max_step]
     if data.empty:
         return pd.DataFrame(columns=[*keys, "mean", "low", "high", "n"])
@@ -785,6 +931,21 @@ def text(header: str, column: str) -> Show:
 
 def number(header: str, column: str, spec: str) -> Show:
     return Show(header, lambda row, missing: missing if _missing(row[column]) else format(row[column], spec))
+
+
+def both(header: str, first: str, second: str, spec: str) -> Show:
+    """Two numbers of a dataset pair in one cell, "base / plus" (a missing one shows its mark)."""
+
+    def render(row: pd.Series, missing: str) -> str:
+        return " / ".join(missing if _missing(row[c]) else format(row[c], spec) for c in (first, second))
+
+    return Show(header, render)
+
+
+def model_of(header: str, column: str) -> Show:
+    """A model key shown by its display name."""
+    return Show(header, lambda row, missing: missing if _missing(row[column]) else display_name(str(row[column])),
+                numeric=False)
 
 
 def gain_with_ci(header: str, prefix: str = "") -> Show:
@@ -863,6 +1024,7 @@ TABLE1 = TableSpec(
     (
         text("Model", "model"),
         text("Benchmark", "benchmark"),
+        text("Protocol", "protocol"),
         number("omega", "omega", "g"),
         number("Tasks", "n_tasks", ".0f"),
         number("Baseline", "baseline", ".1f"),
@@ -883,6 +1045,7 @@ TABLE2 = TableSpec(
     (
         text("Anchored text", "anchor"),
         text("Benchmark", "benchmark"),
+        text("Protocol", "protocol"),
         number("Models", "n_models", "d"),
         gain_with_ci("Mean gain [95% CI]"),
         number("p (sign test)", "p_value", ".3g"),
@@ -891,17 +1054,22 @@ TABLE2 = TableSpec(
 )
 TABLE3 = TableSpec(
     "table3",
-    f"Table 3: optimal omega, ours (test-set argmax and {{k}}-fold CV) vs {PAPER} Table 3",
+    f"Table 3: one omega per dataset pair, ours (test-set argmax and {{cv}}) vs {PAPER} Table 3; "
+    "Pass@1 (%) as base / plus (HumanEval / HumanEval+, MBPP / MBPP+)",
     (
         text("Model", "model"),
-        text("Benchmark", "benchmark"),
+        text("Datasets", "datasets"),
+        text("Protocol", "protocol"),
         text("Omegas run", "sweep_omegas"),
-        number("Baseline", "baseline", ".1f"),
+        number("Tasks", "n_tasks", ".0f"),
+        both("Baseline", "baseline_base", "baseline_plus", ".1f"),
         number("Test-optimal omega", "test_optimal_omega", "g"),
-        number("Its Pass@1", "test_optimal_spa", ".1f"),
+        both("Its Pass@1", "test_optimal_base", "test_optimal_plus", ".1f"),
+        number("CV folds", "cv_folds", ".0f"),
         text("CV omega per fold", "cv_fold_omegas"),
-        number("CV held-out Pass@1", "cv_spa", ".1f"),
-        gain_with_ci("CV gain [95% CI]", "cv_"),
+        both("CV held-out Pass@1", "cv_base_spa", "cv_plus_spa", ".1f"),
+        gain_with_ci("CV gain base [95% CI]", "cv_base_"),
+        gain_with_ci("CV gain plus [95% CI]", "cv_plus_"),
         number("Paper omega", "paper_omega", "g"),
     ),
 )
@@ -911,12 +1079,42 @@ FIGURE4 = TableSpec(
     (
         text("Model", "model"),
         text("Benchmark", "benchmark"),
+        text("Protocol", "protocol"),
         number("omega", "omega", "g"),
         number("Tasks", "n_tasks", ".0f"),
         number("Pass@1", "pass_at_1", ".1f"),
         number("Paper Pass@1", "paper_pass_at_1", ".1f"),
     ),
 )
+ATTENTION_TABLE = TableSpec(
+    "attention_curves",
+    f"Figures 2-3 data: % of attention on the prompt per generated token (mean over the sequences still "
+    f"generating, 95% band, n alive); paper: {PAPER} Figures 2-3 (plots only)",
+    (
+        text("Protocol", "protocol"),
+        model_of("Model", "model"),
+        text("Benchmark", "benchmark"),
+        number("omega", "omega", "g"),
+        text("Kind", "kind"),
+        number("Step", "step", ".0f"),
+        number("Mean %", "mean", ".1f"),
+        number("95% low", "low", ".1f"),
+        number("95% high", "high", ".1f"),
+        number("n", "n", ".0f"),
+    ),
+)
+
+
+def table3_title(table3: pd.DataFrame, settings: Settings) -> str:
+    """Table 3's title, naming the number of CV folds actually used (``min(cv_folds, tasks)`` per row)."""
+    used = sorted({int(k) for k in table3.get("cv_folds", pd.Series(dtype=float)).dropna()})
+    if not used:
+        cv = f"cross-validated omega (none: no sweep of >= 2 omegas; cv_folds={settings.cv_folds})"
+    elif len(used) == 1:
+        cv = f"{used[0]}-fold CV"
+    else:
+        cv = f"{used[0]}- to {used[-1]}-fold CV, folds per row in 'CV folds'"
+    return TABLE3.title.format(cv=cv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -947,30 +1145,56 @@ def _figure_files(
         outputs.files[figures_dir / f"{name}.{extension}"] = data
 
 
-def _attention_figures(ctx: Context, figures_dir: Path, tables_dir: Path, outputs: Outputs) -> None:
+def protocol_figure_name(stem: str, protocol: str) -> str:
+    """File stem of a figure drawn from one protocol's runs: ``<stem>-<protocol>``."""
+    return f"{stem}-{protocol}"
+
+
+def attention_curves_of(ctx: Context) -> pd.DataFrame:
+    """The Figures 2-3 curves of ``attention_benchmark`` (every protocol)."""
+    curves = attention_curves(ctx.runs.attention, ctx.settings.max_step)
+    return curves[curves["benchmark"] == ctx.settings.attention_benchmark].reset_index(drop=True)
+
+
+ATTENTION_FIGURES = (
+    ("figure2_self_attention", "self", "Self-attention on the prompt (last layer), ω = 1"),
+    ("figure3_gradient_attention", "gradient", "Gradient-based attention on the prompt, ω = 1"),
+)
+SPA_VS_PLAIN = "attention_spa_vs_plain"
+
+
+def _attention_figures(ctx: Context, curves: pd.DataFrame, figures_dir: Path, outputs: Outputs) -> None:
+    """Figures 2, 3 and the SPA comparison, one set per protocol with attention runs."""
     settings = ctx.settings
-    curves = attention_curves(ctx.runs.attention, settings.max_step)
-    curves = curves[curves["benchmark"] == settings.attention_benchmark]
     why = f"no complete attention runs for benchmark {settings.attention_benchmark!r} under {ATTENTION_EXPERIMENT}/"
-    if not curves.empty:
-        outputs.files[tables_dir / "attention_curves.csv"] = curves.to_csv(index=False, na_rep="NaN").encode()
-    models = model_order(curves["model"])
+    protocols = protocol_order(curves["protocol"])
+    if not protocols:
+        for name, kind, _ in ATTENTION_FIGURES:
+            _figure_files(name, None, figures_dir, outputs, why)
+        _figure_files(SPA_VS_PLAIN, None, figures_dir, outputs, why)
+        return
     colors = _model_colors(ctx.models)
-    curves = curves.assign(label=curves["model"].map(display_name))
-    plain = curves[np.isclose(curves["omega"].astype(float), BASELINE_OMEGA)]
-    labels = [display_name(m) for m in models]
-    for name, kind, title in (
-        ("figure2_self_attention", "self", "Self-attention on the prompt (last layer), ω = 1"),
-        ("figure3_gradient_attention", "gradient", "Gradient-based attention on the prompt, ω = 1"),
-    ):
-        data = plain[plain["kind"] == kind]
-        figure = None if data.empty else figures.attention_figure(data, labels, colors, title, settings.max_step)
-        _figure_files(name, figure, figures_dir, outputs, why + f" with {kind} attention at omega = 1")
-    with_spa = curves.groupby("model")["omega"].transform("nunique") > 1
-    compared = curves[with_spa]
-    compared_labels = [display_name(m) for m in models if m in set(compared["model"])]
-    figure = None if compared.empty else figures.spa_vs_plain_figure(compared, compared_labels, settings.max_step)
-    _figure_files("attention_spa_vs_plain", figure, figures_dir, outputs, why + " at both omega = 1 and an SPA omega")
+    for protocol in protocols:
+        mine = curves[curves["protocol"] == protocol]
+        mine = mine.assign(label=mine["model"].map(display_name))
+        models = model_order(mine["model"])
+        labels = [display_name(m) for m in models]
+        plain = mine[np.isclose(mine["omega"].astype(float), BASELINE_OMEGA)]
+        why_here = f"{why} with protocol {protocol!r}"
+        for stem, kind, title in ATTENTION_FIGURES:
+            data = plain[plain["kind"] == kind]
+            figure = None
+            if not data.empty:
+                figure = figures.attention_figure(data, labels, colors, f"{title} (protocol {protocol})", settings.max_step)
+            name = protocol_figure_name(stem, protocol)
+            _figure_files(name, figure, figures_dir, outputs, why_here + f" with {kind} attention at omega = 1")
+        compared = mine[mine.groupby("model")["omega"].transform("nunique") > 1]
+        compared_labels = [display_name(m) for m in models if m in set(compared["model"])]
+        figure = None
+        if not compared.empty:
+            figure = figures.spa_vs_plain_figure(compared, compared_labels, settings.max_step, f"protocol {protocol}")
+        _figure_files(protocol_figure_name(SPA_VS_PLAIN, protocol), figure, figures_dir, outputs,
+                      why_here + " at both omega = 1 and an SPA omega")
 
 
 def aggregate(
@@ -988,23 +1212,30 @@ def aggregate(
     outputs = Outputs(notes=[f"cell not counted (shown as missing): {s}" for s in runs.skipped])
     tables_dir, figures_dir = Path(out_dir) / "tables", Path(out_dir) / "figures"
     figure4 = build_figure4_data(ctx)
+    curves = attention_curves_of(ctx)
     if what in ("all", "tables"):
-        table3 = replace(TABLE3, title=TABLE3.title.format(k=settings.cv_folds))
+        table3 = build_table3(ctx)
         for frame, spec in (
             (build_table1(ctx), TABLE1),
             (build_table2(ctx), TABLE2),
-            (build_table3(ctx), table3),
+            (table3, replace(TABLE3, title=table3_title(table3, settings))),
             (figure4, FIGURE4),
         ):
             files, printed = table_files(frame, spec, tables_dir)
             outputs.files.update(files)
             outputs.printed.append(printed)
+    if not curves.empty:  # the data of Figures 2-3: a table (not printed: one row per step)
+        outputs.files.update(table_files(curves, ATTENTION_TABLE, tables_dir)[0])
     if what in ("all", "figures"):
-        figure = None
-        if not figure4.empty:
-            figure = figures.omega_sweep_figure(figure4, list(BENCHMARK_COLUMNS), _model_colors(ctx.models))
-        _figure_files("figure4_omega", figure, figures_dir, outputs, "no anchor-NL runs at omega != 1")
-        _attention_figures(ctx, figures_dir, tables_dir, outputs)
+        protocols = protocol_order(figure4["protocol"])
+        if not protocols:
+            _figure_files("figure4_omega", None, figures_dir, outputs, "no anchor-NL runs at omega != 1")
+        colors = _model_colors(ctx.models)
+        for protocol in protocols:
+            data = figure4[figure4["protocol"] == protocol]
+            figure = figures.omega_sweep_figure(data, list(BENCHMARK_COLUMNS), colors, f"Pass@1 against ω (protocol {protocol})")
+            _figure_files(protocol_figure_name("figure4_omega", protocol), figure, figures_dir, outputs, "")
+        _attention_figures(ctx, curves, figures_dir, outputs)
     outputs.files[Path(out_dir) / "provenance.json"] = _provenance(runs, runs_dir, settings)
     return outputs
 
@@ -1015,7 +1246,7 @@ def _provenance(runs: Runs, runs_dir: Path, settings: Settings) -> bytes:
 
     cells = [
         {"path": str(c.path.relative_to(runs_dir)), "experiment": c.experiment, "model": c.model, "benchmark": c.benchmark,
-         "anchor": c.anchor, "omega": c.omega, "fingerprint": c.fingerprint}
+         "protocol": c.protocol, "anchor": c.anchor, "omega": c.omega, "fingerprint": c.fingerprint}
         for c in sorted(runs.cells, key=lambda c: str(c.path))
     ]
     record = {"runs_dir": str(runs_dir), "settings": asdict(settings), "git": git_commit(), "packages": package_versions(),

@@ -1,6 +1,7 @@
 """One cell of an experiment: config -> prompts with anchors -> SPA decoding -> samples -> verdicts.
 
-``run_cell(cfg)`` is what ``scripts/run.py`` calls for every point of a sweep. It is resumable: tasks
+``run_cell(cfg)`` is what ``scripts/run.py`` calls for every point of a sweep. The protocol
+(``eval.benchmarks.protocols``) turns each task into both views' ids, stops and programs. It is resumable: tasks
 already in the cell's samples.jsonl are skipped, samples are appended (and fsynced) after every batch,
 so a killed run loses at most the batch in flight, and a finished cell is not recomputed unless
 ``force=true``. omega = 1 is the plain model whatever is anchored, so it is stored once per model and
@@ -18,14 +19,10 @@ from pathlib import Path
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from transformers import StopStringCriteria
-
 import spa
-from eval.data import dataset_sha256, load_tasks
+from eval.benchmarks.data import authors_file, dataset_sha256
+from eval.benchmarks.protocols import ModelInputs, Protocol, ProtocolSettings, make_protocol
 from eval.errors import ConfigError
-from eval.postprocess import to_solution
-from eval.prompts import build_prompt
-from eval.spans import validate_condition
 from eval.store import Cell, cell_dir, fingerprint, git_commit, machine, package_versions, python_command
 
 
@@ -34,6 +31,7 @@ class CellPlan:
     experiment: str
     model: str
     benchmark: str
+    protocol: str
     anchor: str  # "none" for omega = 1
     omega: float
     path: Path
@@ -65,6 +63,27 @@ def data_dir(cfg: DictConfig) -> Path:
     return Path(to_absolute_path(cfg.paths.data_dir))
 
 
+def protocol_settings(cfg: DictConfig) -> ProtocolSettings:
+    return ProtocolSettings.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
+
+
+def build_protocol(cfg: DictConfig, tokenizer) -> Protocol:
+    """The protocol of ``cfg`` for a loaded tokenizer (it renders, tokenizes, stops and post-processes)."""
+    return make_protocol(
+        protocol_settings(cfg), OmegaConf.to_container(cfg.model, resolve=True), tokenizer,
+        masking=cfg.spa.masking, max_new_tokens=int(cfg.generation.max_new_tokens), data_dir=data_dir(cfg),
+        authors_data_dir=Path(to_absolute_path(cfg.paths.authors_data_dir)),
+    )
+
+
+def _validate_condition(cfg: DictConfig, settings: ProtocolSettings, benchmark: str) -> None:
+    """The anchor condition must exist under the protocol (checked before any model is loaded)."""
+    from eval.benchmarks import authors
+    from eval.benchmarks.spans import validate_condition
+
+    (authors.validate_condition if settings.name == "authors" else validate_condition)(benchmark, cfg.anchor.condition)
+
+
 def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
     """The cell this config describes; None when it cannot run and the sweep asked to skip such cells.
 
@@ -72,36 +91,57 @@ def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
     has no anchor level and their settings include the measurement's.
     """
     benchmark = cfg.benchmark.name
+    settings_of_protocol = protocol_settings(cfg)
     try:
-        validate_condition(benchmark, cfg.anchor.condition)
+        _validate_condition(cfg, settings_of_protocol, benchmark)
     except ConfigError:
         if cfg.get("skip_invalid"):
-            print(f"skip: anchor {cfg.anchor.condition!r} does not apply to {benchmark} (skip_invalid=true)")
+            print(f"skip: anchor {cfg.anchor.condition!r} does not apply to {benchmark} under protocol="
+                  f"{settings_of_protocol.name} (skip_invalid=true)")
             return None
         raise
     omega = resolve_omega(cfg.spa.omega, cfg.model, benchmark)
     anchor = "none" if omega == 1.0 else cfg.anchor.condition
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    version = settings_of_protocol.datasets.get(benchmark)
     settings = {
-        "model": {k: model[k] for k in ("name", "hf_id", "revision", "tokenizer_id", "prompt_style", "mask_token", "add_bos",
-                                         "dtype", "attn_implementation", "build_tiny")},
+        "model": {k: model.get(k) for k in ("name", "hf_id", "revision", "tokenizer_id", "family", "prompt_style", "mask_token",
+                                             "add_bos", "dtype", "attn_implementation", "build_tiny")},
         "quantization": cfg.quantization.mode,
         "benchmark": benchmark,
-        "dataset_sha256": dataset_sha256(benchmark, data_dir(cfg)),
+        "dataset_sha256": dataset_sha256(benchmark, data_dir(cfg), version),
+        "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "anchor": anchor,
         "omega": omega,
-        "spa": {k: cfg.spa[k] for k in ("masking", "modulated_by_prob", "mask_token")},
+        "spa": {"masking": cfg.spa.masking or settings_of_protocol.masking,
+                **{k: cfg.spa[k] for k in ("modulated_by_prob", "mask_token")}},
         # batch_size only changes speed, and the task selection only how much of the cell exists.
         "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if k != "batch_size"},
     }
+    if settings_of_protocol.name == "authors":
+        settings["authors_file_sha256"] = authors_file(benchmark, to_absolute_path(cfg.paths.authors_data_dir))[1]
     if attention:
         settings["attention"] = {k: v for k, v in OmegaConf.to_container(cfg.attention, resolve=True).items() if k != "grad_batch_size"}
     runs_dir = Path(to_absolute_path(cfg.paths.runs_dir))
-    path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, None if attention else anchor, omega)
-    return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, anchor, omega, path, settings)
+    path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, settings_of_protocol.name,
+                    None if attention else anchor, omega)
+    return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, settings_of_protocol.name, anchor, omega, path, settings)
 
 
 _LOADED: dict = {}
+
+
+def load_tokenizer(cfg: DictConfig):
+    """The model's tokenizer alone (the tiny model's is the real tokenizer it is built around)."""
+    model_cfg = cfg.model
+    if model_cfg.get("tokenizer_id"):
+        source = model_cfg.tokenizer_id
+    elif model_cfg.get("build_tiny"):
+        source = to_absolute_path(model_cfg.build_tiny.tokenizer_dir)
+    else:
+        source = model_cfg.hf_id
+    return spa.load_tokenizer(source, revision=None if model_cfg.get("tokenizer_id") else model_cfg.revision,
+                              trust_remote_code=model_cfg.trust_remote_code)
 
 
 def load(cfg: DictConfig):
@@ -115,8 +155,7 @@ def load(cfg: DictConfig):
             recipe = OmegaConf.to_container(model_cfg.build_tiny, resolve=True)
             tokenizer_dir = Path(to_absolute_path(recipe.pop("tokenizer_dir")))
             spa.build_tiny_model(model_path, tokenizer_dir, **recipe)
-        tokenizer = spa.load_tokenizer(model_cfg.tokenizer_id or model_path, revision=model_cfg.revision,
-                                       trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg)
         model = spa.load_model(model_path, revision=model_cfg.revision, dtype=model_cfg.dtype, quantization=cfg.quantization.mode,
                                device_map=cfg.device_map, trust_remote_code=model_cfg.trust_remote_code,
                                attn_implementation=model_cfg.attn_implementation)
@@ -134,31 +173,22 @@ def select_tasks(cfg: DictConfig, tasks: dict[str, dict]) -> list[str]:
     return ids[: cfg.limit] if cfg.get("limit") else ids
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def finish_reason(ids: list[int], eos: list[int], max_new_tokens: int) -> str:
-    if ids and ids[-1] in eos:
-        return "eos"
-    return "length" if len(ids) >= max_new_tokens else "stop"
-
-
 def describe(cfg: DictConfig, plan: CellPlan, task_ids: list[str]) -> dict:
     """The manifest's provenance: what produced the cell's files."""
     return {
         "experiment": plan.experiment,
         "model": {**plan.settings["model"], "display_name": cfg.model.get("display_name")},
         "benchmark": plan.benchmark,
+        "protocol": plan.protocol,
+        "protocol_settings": plan.settings["protocol"],
         "anchor": plan.anchor,
         "omega": plan.omega,
         "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), "omega": plan.omega},
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "quantization": plan.settings["quantization"],
         "dataset_sha256": plan.settings["dataset_sha256"],
+        "dataset_version": protocol_settings(cfg).datasets.get(plan.benchmark),
+        "authors_file_sha256": plan.settings.get("authors_file_sha256"),
         "seed": cfg.generation.seed,
         "task_ids": task_ids,
         "n_tasks": len(task_ids),
@@ -172,11 +202,10 @@ def describe(cfg: DictConfig, plan: CellPlan, task_ids: list[str]) -> dict:
 
 @contextmanager
 def claimed_cell(cfg: DictConfig, plan: CellPlan, records_name: str = "samples.jsonl"):
-    """The locked cell of ``plan`` (refused if another configuration owns it), the tasks and the selection."""
+    """The locked cell of ``plan`` (refused if another configuration owns it)."""
     with Cell(plan.path, fingerprint(plan.settings), records_name) as cell:
         cell.claim(force=bool(cfg.force))
-        tasks = load_tasks(plan.benchmark, data_dir(cfg))
-        yield cell, tasks, select_tasks(cfg, tasks)
+        yield cell
 
 
 def run_cell(cfg: DictConfig) -> Path | None:
@@ -184,7 +213,8 @@ def run_cell(cfg: DictConfig) -> Path | None:
     plan = plan_cell(cfg)
     if plan is None:
         return None
-    with claimed_cell(cfg, plan) as (cell, tasks, wanted):
+    with claimed_cell(cfg, plan) as cell:
+        wanted = select_tasks(cfg, protocol_tasks(cfg, plan))
         manifest = cell.manifest()
         if cell.is_complete() and set(wanted) <= set(manifest.get("task_ids", [])):
             print(f"complete: {plan.path} (force=true recomputes it)")
@@ -197,7 +227,7 @@ def run_cell(cfg: DictConfig) -> Path | None:
         timings = dict((manifest or {}).get("timings", {}))
         if todo:
             cell.write_manifest({**base_manifest, "status": "incomplete", "timings": timings})
-            generation_stats = generate_samples(cfg, plan, tasks, todo, cell)
+            generation_stats = generate_samples(cfg, plan, todo, cell)
             base_manifest["model"].update(generation_stats.pop("model"))
             for key, value in generation_stats.items():
                 timings[key] = timings.get(key, 0) + value
@@ -219,6 +249,7 @@ def run_cell(cfg: DictConfig) -> Path | None:
                 cache_dir=Path(to_absolute_path(cfg.paths.cache_dir)) / "groundtruth",
                 sandbox_config=sandbox_config,
                 limits=limits,
+                dataset_version=protocol_settings(cfg).datasets.get(plan.benchmark),
             )
             results["provenance"] = {**base_manifest, "fingerprint": cell.settings_fingerprint}
             write_eval_results(cell.results_path, results)
@@ -230,73 +261,73 @@ def run_cell(cfg: DictConfig) -> Path | None:
     return plan.path
 
 
-def prepare_prompts(cfg: DictConfig, plan: CellPlan, tasks: dict, task_ids: list[str], tokenizer):
-    """(mask token id, built prompt per task, anchored token ids per task) for the model's prompt style."""
-    mask_token = cfg.spa.mask_token if cfg.spa.mask_token is not None else cfg.model.mask_token
-    mask_token_id = spa.resolve_mask_token_id(tokenizer, mask_token)
-    built = {t: build_prompt(tasks[t], plan.benchmark, cfg.model.prompt_style, plan.anchor, tokenizer) for t in task_ids}
-    anchored = {t: spa.tokenize_anchored(tokenizer, b.text, b.anchor_spans, add_bos=cfg.model.add_bos) for t, b in built.items()}
-    return mask_token_id, built, anchored
+def protocol_tasks(cfg: DictConfig, plan: CellPlan) -> dict[str, dict]:
+    """The tasks as the cell's protocol reads them (task ids, prompts, tests); no tokenizer needed."""
+    return build_protocol(cfg, tokenizer=None).tasks(plan.benchmark)
 
 
-def generate_samples(cfg: DictConfig, plan: CellPlan, tasks: dict, todo: list[str], cell: Cell) -> dict:
+def prepare_inputs(cfg: DictConfig, plan: CellPlan, task_ids: list[str], tokenizer) -> tuple[Protocol, dict, dict[str, ModelInputs]]:
+    """(protocol, tasks, model inputs per task id) of a cell."""
+    protocol = build_protocol(cfg, tokenizer)
+    tasks = protocol.tasks(plan.benchmark)
+    return protocol, tasks, {t: protocol.model_inputs(tasks[t], plan.benchmark, plan.anchor) for t in task_ids}
+
+
+def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], omega: float, cfg: DictConfig, **kwargs) -> list[list[int]]:
+    """``spa.decode`` on the protocol's views: explicit masked ids, or the anchor mask for attention masking."""
+    if protocol.masking == "attention":
+        views = {"anchor_masks": [i.anchor_mask for i in inputs], "mask_token_id": 0, "masking": "attention"}
+    else:
+        views = {"masked_prompts": [i.masked_input_ids for i in inputs]}
+    return spa.decode(
+        model, [i.input_ids for i in inputs], omega=omega, max_new_tokens=[i.max_new_tokens for i in inputs],
+        eos_token_id=protocol.eos_ids(model), modulated_by_prob=bool(cfg.spa.modulated_by_prob),
+        **views, **protocol.decode_options(inputs), **kwargs,
+    )
+
+
+def generate_samples(cfg: DictConfig, plan: CellPlan, todo: list[str], cell: Cell) -> dict:
     """Decode ``todo`` in batches, appending each batch's samples to the cell; returns timing stats."""
     model, tokenizer = load(cfg)
-    style = cfg.model.prompt_style
-    mask_token_id, built, anchored = prepare_prompts(cfg, plan, tasks, todo, tokenizer)
-    stop_strings = next(iter(built.values())).stop_strings
-    stopping = [StopStringCriteria(tokenizer, stop_strings)] if stop_strings else []
-    eos = eos_ids(model, tokenizer)
+    protocol, tasks, inputs = prepare_inputs(cfg, plan, todo, tokenizer)
+    eos = protocol.eos_ids(model)
     gen = cfg.generation
     sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed", "num_samples")}
     per_batch = max(1, int(gen.batch_size) // int(gen.num_samples))
     tokens, seconds = 0, 0.0
-    bar = tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.anchor} omega={plan.omega}", unit="task")
+    bar = tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.protocol} {plan.anchor} omega={plan.omega}", unit="task")
     for start in range(0, len(todo), per_batch):
         batch = todo[start : start + per_batch]
         begin = time.time()
-        outputs = spa.decode(
-            model,
-            [anchored[t].input_ids for t in batch],
-            [anchored[t].anchor_mask for t in batch],
-            omega=plan.omega,
-            mask_token_id=mask_token_id,
-            max_new_tokens=int(gen.max_new_tokens),
-            eos_token_id=eos,
-            batch_size=int(gen.batch_size),
-            masking=cfg.spa.masking,
-            modulated_by_prob=bool(cfg.spa.modulated_by_prob),
-            stopping_criteria=stopping,
-            **sampling,
-        )
+        outputs = decode_inputs(model, protocol, [inputs[t] for t in batch], plan.omega, cfg,
+                                batch_size=int(gen.batch_size), **sampling)
         seconds += time.time() - begin
         records = []
         for index, ids in enumerate(outputs):
             task_id = batch[index // int(gen.num_samples)]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            solution = to_solution(tasks[task_id], plan.benchmark, style, text, built[task_id])
+            model_inputs = inputs[task_id]
             tokens += len(ids)
             records.append({
                 "task_id": task_id,
                 "sample_index": index % int(gen.num_samples),
-                **solution,
-                "completion": text,
-                "n_prompt_tokens": len(anchored[task_id].input_ids),
-                "n_anchored_tokens": sum(anchored[task_id].anchor_mask),
+                **protocol.solution(tasks[task_id], model_inputs, ids, eos),
+                "n_prompt_tokens": len(model_inputs.input_ids),
+                "n_masked_prompt_tokens": len(model_inputs.masked_input_ids),
+                "n_anchored_tokens": sum(model_inputs.anchor_mask),
                 "n_generated_tokens": len(ids),
-                "finish_reason": finish_reason(ids, eos, int(gen.max_new_tokens)),
+                "max_new_tokens": model_inputs.max_new_tokens,
             })
         cell.append_records(records)
         bar.update(len(batch))
     bar.close()
     device = spa.engine.model_device(model)
     return {
-        "model": {"resolved_commit": getattr(model.config, "_commit_hash", None), "mask_token_id": mask_token_id,
-                  "device": str(device), "torch_dtype": str(model.dtype)},
+        "model": {"resolved_commit": getattr(model.config, "_commit_hash", None), "device": str(device),
+                  "torch_dtype": str(model.dtype), "mask_string": protocol.mask_text(),
+                  "mask_token_id": spa.resolve_mask_token_id(tokenizer, protocol.mask_string())},
         "generation_seconds": seconds,
         "generated_tokens": tokens,
     }
-
 
 
 def run_attention_cell(cfg: DictConfig) -> Path | None:
@@ -306,7 +337,8 @@ def run_attention_cell(cfg: DictConfig) -> Path | None:
     plan = plan_cell(cfg, attention=True)
     if plan is None:
         return None
-    with claimed_cell(cfg, plan, records_name="attention.jsonl") as (cell, tasks, wanted):
+    with claimed_cell(cfg, plan, records_name="attention.jsonl") as cell:
+        wanted = select_tasks(cfg, protocol_tasks(cfg, plan))
         manifest = cell.manifest()
         done = {r["task_id"] for r in cell.load_records()}
         todo = [t for t in wanted if t not in done]
@@ -319,24 +351,29 @@ def run_attention_cell(cfg: DictConfig) -> Path | None:
         started = time.time()
         if todo:
             model, tokenizer = load(cfg)
-            mask_token_id, _, anchored = prepare_prompts(cfg, plan, tasks, todo, tokenizer)
+            protocol, _, inputs = prepare_inputs(cfg, plan, todo, tokenizer)
+            if protocol.masking not in ("token", "attention"):
+                raise ConfigError(
+                    f"The attention measurement needs same-length views (spa.masking=token or attention); "
+                    f"protocol={protocol.name} masks with {protocol.masking!r}. Pass spa.masking=token."
+                )
             settings = cfg.attention
             # The gradient measurement is costly: only the first grad_tasks tasks of the selection get it.
             grad_tasks = set(wanted if settings.grad_tasks is None else wanted[: settings.grad_tasks])
             measure_attention(
                 model,
-                [anchored[t].input_ids for t in todo],
-                [anchored[t].anchor_mask for t in todo],
+                [inputs[t].input_ids for t in todo],
+                [inputs[t].anchor_mask for t in todo],
                 todo,
                 omega=plan.omega,
-                mask_token_id=mask_token_id,
+                mask_token_id=spa.resolve_mask_token_id(tokenizer, protocol.mask_string()),
                 max_new_tokens=int(cfg.generation.max_new_tokens),
-                eos_token_id=eos_ids(model, tokenizer),
+                eos_token_id=protocol.eos_ids(model),
                 self_every=settings.self_every,
                 grad_every=settings.grad_every,
                 grad_task_ids=grad_tasks,
                 grad_batch_size=int(settings.grad_batch_size),
-                masking=cfg.spa.masking,
+                masking=protocol.masking,
                 batch_size=int(cfg.generation.batch_size),
                 on_record=lambda record: cell.append_records([record]),
             )

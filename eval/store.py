@@ -1,6 +1,6 @@
 """The results store: one directory per cell, crash-safe appends, resume, locking and provenance.
 
-A cell is ``<runs_dir>/<experiment>/<model>/<benchmark>/<anchor>/omega=<omega>/`` holding
+A cell is ``<runs_dir>/<experiment>/<model>/<benchmark>/<protocol>/<anchor>/omega=<omega>/`` holding
 ``samples.jsonl`` (EvalPlus format plus our fields, appended one task at a time and fsynced),
 ``eval_results.json`` and ``manifest.json`` (written atomically). A cell directory belongs to one
 configuration: its fingerprint (everything that changes the samples) is kept in the manifest, and a
@@ -37,9 +37,9 @@ def format_omega(omega: float) -> str:
     return text if "e" not in text else f"{omega:.6f}".rstrip("0")
 
 
-def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, anchor: str | None, omega: float) -> Path:
+def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, protocol: str, anchor: str | None, omega: float) -> Path:
     """The cell's directory; attention cells (``anchor=None``) have no anchor level."""
-    parts = [experiment, model, benchmark] + ([anchor] if anchor is not None else [])
+    parts = [experiment, model, benchmark, protocol] + ([anchor] if anchor is not None else [])
     return Path(runs_dir).joinpath(*parts, f"omega={format_omega(omega)}")
 
 

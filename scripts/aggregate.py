@@ -3,9 +3,11 @@
     python scripts/aggregate.py [runs_dir=results/runs] [out_dir=results] [what=all|tables|figures]
                                 [cv_folds=5] [seed=0]
 
-Tables go to <out_dir>/tables/ (CSV, Markdown, LaTeX) and are printed; figures to
-<out_dir>/figures/ (PNG, PDF). Notes on missing cells and skipped figures go to stderr. Bad input
-exits with status 2 and a one-paragraph message, before anything is written. See docs/aggregation.md.
+Tables go to <out_dir>/tables/ (CSV, Markdown, LaTeX) and are printed; every row names its protocol
+(evalplus, authors), and results of different protocols are never paired or pooled. Figures go to
+<out_dir>/figures/ (PNG, PDF), one set per protocol: <figure>-<protocol>.png. Notes on missing cells
+and skipped figures go to stderr. Bad input exits with status 2 and a one-paragraph message, before
+anything is written. See docs/aggregation.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python scripts/attention.py model=deepseek-coder-1.3b-instruct benchmark=humaneval spa.omega=1.0
     python scripts/attention.py -m +experiment=attention      # the paper's five models, omega 1 and SPA's
 
-Writes results/runs/attention/<model>/<benchmark>/omega=<omega>/attention.jsonl and a manifest;
+Writes results/runs/attention/<model>/<benchmark>/<protocol>/omega=<omega>/attention.jsonl and a manifest;
 resumable like scripts/run.py. `scripts/aggregate.py` draws the figures.
 """
 

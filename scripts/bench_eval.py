@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.data import BENCHMARKS, benchmark_spec, dataset_path, load_tasks  # noqa: E402
+from eval.benchmarks.data import BENCHMARK_NAMES, benchmark_spec, dataset_path, load_tasks  # noqa: E402
 
 TARGET_RATIO = 1.5
 MARK = "BENCH_RESULT "
@@ -97,7 +97,7 @@ def bench(benchmark: str, workdir: Path, n_workers: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARK_NAMES), choices=list(BENCHMARK_NAMES))
     parser.add_argument("--repeats", type=int, default=2, help="warm runs per evaluator (fastest kept)")
     parser.add_argument("--n-workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench" / "eval.json")

@@ -48,6 +48,7 @@ def evaluate_from_config(cfg: DictConfig) -> Path:
         progress=cfg.progress,
         sandbox_config=sandbox_config,
         limits=limits,
+        dataset_version=cfg.dataset_version,
     )
     out = samples_path.parent / "eval_results.json"
     write_eval_results(out, results)

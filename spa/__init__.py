@@ -2,18 +2,22 @@
 
     import spa
     new_ids = spa.decode(model, prompts, anchor_masks, omega=1.3, mask_token_id=..., max_new_tokens=256)
+    new_ids = spa.decode(model, prompts, omega=1.3, masked_prompts=[ids, ...], max_new_tokens=256)   # any length
     texts = spa.generate(model, tokenizer, ["<anchor>Sort the list.</anchor>\\ndef f(xs):"], omega=1.3, max_new_tokens=64)
 """
 
 from spa.engine import Sampling, combine_logits, decode
+from spa.errors import ConfigError, SPAError
 from spa.hf import SPALogitsProcessor
 from spa.loading import build_tiny_model, load_model, load_tokenizer
-from spa.masking import masked_prompt_ids, resolve_mask_token_id
+from spa.masking import masked_prompt_ids, masked_view, resolve_mask_token_id
 from spa.attention import measure_attention
 from spa.text import AnchoredPrompt, anchor_prompt, generate, resolve_add_bos, tokenize_anchored
 
 __all__ = [
     "AnchoredPrompt",
+    "ConfigError",
+    "SPAError",
     "SPALogitsProcessor",
     "Sampling",
     "anchor_prompt",
@@ -25,6 +29,7 @@ __all__ = [
     "load_tokenizer",
     "measure_attention",
     "masked_prompt_ids",
+    "masked_view",
     "resolve_add_bos",
     "resolve_mask_token_id",
     "tokenize_anchored",

@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from eval.errors import ConfigError
+from spa.errors import ConfigError
 from spa.engine import _accepts_logits_to_keep, combine_logits, decode, model_device
-from spa.masking import validate_masking
+from spa.masking import TEXT_MASKING, validate_masking
+from spa.views import build_views, left_pad, views_for
 
 __all__ = [
     "AttentionWeightsUnavailable",
@@ -143,9 +144,14 @@ class _SelfAttentionRecorder:
             self.shares[index].append(share)
 
 
-def _views(omega: float) -> list[str]:
-    """The views that contribute to SPA's logits, as spa.decode runs them."""
-    return [view for view, needed in (("original", omega != 0.0), ("masked", omega != 1.0)) if needed]
+def _check_measurable(masking: str) -> None:
+    """The attention measurements follow the prompt's own tokens, so the masked view must keep its length."""
+    if validate_masking(masking) in TEXT_MASKING:
+        raise ConfigError(
+            f"The attention measurement does not support masking={masking!r}: it rewrites the prompt text, "
+            "so the masked view has other tokens than the prompt whose attention shares are measured. Use "
+            "masking='token' or 'attention' for spa.measure_attention."
+        )
 
 
 @contextmanager
@@ -167,31 +173,27 @@ def _gradient_shares_batch(
 ) -> list[float]:
     """Gradient prompt shares of ``steps`` of one sequence, from one left-padded forward and backward."""
     device = model_device(model)
-    views = _views(omega)
     n_prompt = len(prompt)
-    width = n_prompt + max(steps)
-
-    def left_pad(rows: list[list], fill) -> torch.Tensor:
-        return torch.tensor([[fill] * (width - len(row)) + row for row in rows], device=device)
-
     contexts = [prompt + generated[:t] for t in steps]
-    real = left_pad([[True] * len(c) for c in contexts], False)
-    anchored = left_pad([list(anchor_mask) + [False] * t for t in steps], False)
+    keeps = [[not (masking == "attention" and a) for a in anchor_mask] + [True] * t for t in steps]
+    # Rows, attention and positions as spa.decode lays out its sequences (one per step here). Both
+    # views hold the context ids: token masking happens on the embeddings below, so that both views
+    # read the one embedding matrix E. Views of equal length are only left-padded (no holes).
+    batch = build_views(contexts, contexts, views=views_for(omega), masked_keep=keeps, pad_id=mask_token_id, device=device)
+    width = batch.input_ids.shape[1]
     embedding = model.get_input_embeddings()
-    embeds = embedding(left_pad(contexts, mask_token_id)).detach().requires_grad_(True)
+    embeds = embedding(batch.input_ids[:: len(batch.views)]).detach().requires_grad_(True)
     if masking == "token":
+        anchored = left_pad([list(anchor_mask) + [False] * t for t in steps], width, False, device)
         masked_embeds = torch.where(anchored[..., None], embedding(torch.tensor(mask_token_id, device=device)), embeds)
     else:
         masked_embeds = embeds
     embeds_of = {"original": embeds, "masked": masked_embeds}
-    attention_of = {"original": real, "masked": real & ~anchored if masking == "attention" else real}
-    # Rows interleaved per step, [step0 original, step0 masked, ...], as spa.decode lays out sequences.
-    inputs = torch.stack([embeds_of[v] for v in views], dim=1).flatten(0, 1)
-    attention = torch.stack([attention_of[v] for v in views], dim=1).flatten(0, 1).long()
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0).repeat_interleave(len(views), dim=0)
+    inputs = torch.stack([embeds_of[v] for v in batch.views], dim=1).flatten(0, 1)
     last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
-    logits = model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False, **last_only).logits[:, -1]
-    scores = logits.float() if len(views) == 1 else combine_logits(logits[0::2], logits[1::2], omega)
+    logits = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   use_cache=False, **last_only).logits[:, -1]
+    scores = logits.float() if len(batch.views) == 1 else combine_logits(logits[0::2], logits[1::2], omega)
     chosen = torch.tensor([generated[t] for t in steps], device=device)
     # Rows are independent, so the gradient of the sum holds each row's own gradient.
     (gradient,) = torch.autograd.grad(scores.gather(-1, chosen[:, None]).sum(), embeds)
@@ -222,7 +224,7 @@ def gradient_prompt_shares(
     all tokens. ``batch_size`` steps go through one left-padded forward and backward (memory grows
     with it, times two views under SPA). Parameters receive no gradient.
     """
-    validate_masking(masking)
+    _check_measurable(masking)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(not 0 <= t < len(generated) for t in steps):
@@ -302,7 +304,7 @@ def measure_attention(
         on_record: called with each task's record as soon as it is complete (in processing order),
             e.g. to append it to a JSONL file so that a long run can be watched or resumed.
     """
-    validate_masking(masking)
+    _check_measurable(masking)
     if not len(prompts) == len(anchor_masks) == len(task_ids):
         raise ValueError(f"{len(prompts)} prompts, {len(anchor_masks)} anchor masks and {len(task_ids)} task ids: need one of each per task")
     if len(set(task_ids)) != len(task_ids):

@@ -1,10 +1,15 @@
 """Exact, batched Selective Prompt Anchoring decoding (paper eq. 16-18).
 
 At every step ``logits = omega * f(prompt) + (1 - omega) * f(masked prompt)``. The original and the
-masked view of every sequence in a batch go through the model in ONE forward of 2B rows: left padding
-with explicit attention masks and position ids, one KV cache for all rows reused across steps, the same
-chosen token appended to both views of a sequence, finished sequences dropped from the batch (their
-rows leave the cache), logits combined in float32.
+masked view of every sequence in a batch go through the model in ONE forward of 2B rows (the layout,
+left padding, attention masks and position ids of each view, is :mod:`spa.views`): one KV cache for all
+rows reused across steps, the same chosen token appended to both views of a sequence, finished
+sequences dropped from the batch (their rows leave the cache), logits combined in float32.
+
+The masked view is either the prompt with its anchored ids replaced in place (``anchor_masks`` +
+``mask_token_id``, the paper) or hidden by attention (``masking="attention"``), or any token-id list
+(``masked_prompts``: e.g. the anchored text replaced by one mask string and tokenized again, see
+:func:`spa.masking.masked_view`).
 
 omega = 1 needs only the original view and omega = 0 only the masked one: those runs cost what plain
 decoding costs.
@@ -25,15 +30,25 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from spa.masking import masked_prompt_ids, validate_masking
+from spa.errors import ConfigError
+from spa.masking import TEXT_MASKING, masked_prompt_ids, validate_masking
+from spa.views import build_views, views_for
 
 # A stopping criterion in transformers' convention: (generated ids of the active sequences, combined
 # scores) -> bool per sequence. transformers.StopStringCriteria fits; it only sees generated ids, so a
 # stop string can never match inside the prompt.
 StoppingCriterion = Callable[[torch.LongTensor, torch.FloatTensor], torch.BoolTensor]
+# A per-token stop rule: stop_rule(prompt_index, sample_index, token_id) -> bool. It is called exactly
+# once for every token a sequence generates, in order (the tokens it sees are the ids decode returns for
+# that sequence), whatever else ends the sequence at that token (EOS, max_new_tokens, a criterion);
+# calls for different sequences interleave step by step. True ends the sequence after this token, which
+# stays in its ids. Being called in order, it may keep state per (prompt, sample), e.g. decode the text
+# so far and look for a stop pattern.
+StopRule = Callable[[int, int, int], bool]
 # Called after every forward with (index of the token the forward predicts, the model outputs, the
 # (prompt index, sample index) of each active sequence, the views in row order). Rows are interleaved:
-# [sequence 0 view 0, sequence 0 view 1, sequence 1 view 0, ...]. Used by spa.attention.
+# [sequence 0 view 0, sequence 0 view 1, sequence 1 view 0, ...], columns as spa.views lays them out (a
+# masked view of another length than its prompt has a hole after the shared prefix). Used by spa.attention.
 StepObserver = Callable[[int, Any, list[tuple[int, int]], tuple[str, ...]], None]
 
 
@@ -142,16 +157,18 @@ def head_is_affine(model) -> bool:
 def decode(
     model,
     prompts: Sequence[Sequence[int]],
-    anchor_masks: Sequence[Sequence[bool]],
-    omega: float,
-    mask_token_id: int,
-    max_new_tokens: int,
+    anchor_masks: Sequence[Sequence[bool]] | None = None,
+    omega: float | None = None,
+    mask_token_id: int | None = None,
+    max_new_tokens: int | Sequence[int] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     batch_size: int | None = None,
     *,
+    masked_prompts: Sequence[Sequence[int]] | None = None,
     masking: str = "token",
     modulated_by_prob: bool = False,
     stopping_criteria: Sequence[StoppingCriterion] = (),
+    stop_rule: StopRule | None = None,
     progress: bool = False,
     observer: StepObserver | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -159,62 +176,76 @@ def decode(
 ) -> list[list[int]]:
     """Decode every prompt with SPA and return the new ids of each (no prompt, no padding).
 
+    The masked view is given ONE way: ``anchor_masks`` (+ ``mask_token_id`` for ``masking="token"``),
+    or ``masked_prompts``; at omega = 1 it may be left out.
+
     Args:
         prompts: unpadded token-id lists (BOS included if the model expects it).
         anchor_masks: same shapes as ``prompts``, True where a token is anchored.
         omega: anchoring strength; 1 = plain model, > 1 amplifies the anchored tokens, 0 = masked prompt.
         mask_token_id: the id that replaces anchored tokens in the masked view (``masking="token"``).
-        max_new_tokens: at most this many new ids per sequence.
+        max_new_tokens: at most this many new ids per sequence: one int, or one per prompt (0: nothing is
+            generated for that prompt, its result is ``[]``).
         eos_token_id: one or several ids; a sequence stops after the first of them (included in its ids).
         batch_size: sequences per forward pass (each costs two rows: original and masked view);
             None = all at once. Sequences are grouped by prompt length to limit padding; results do not
             depend on the grouping.
-        masking: ``"token"`` (the paper: anchored ids replaced by ``mask_token_id``) or ``"attention"``
-            (ids kept; the masked view cannot attend to anchored positions, at every step).
+        masked_prompts: instead of ``anchor_masks``: the masked view of each prompt as token ids of any
+            length (e.g. :func:`spa.masking.masked_view` with ``"replace"`` or ``"delete"``), used as they
+            are. Each view has its own left padding and position ids.
+        masking: how ``anchor_masks`` mask: ``"token"`` (the paper: anchored ids replaced by
+            ``mask_token_id``) or ``"attention"`` (ids kept; the masked view cannot attend to anchored
+            positions, at every step). The text-level ``"replace"`` and ``"delete"`` need the text: build
+            ``masked_prompts`` with :func:`spa.masking.masked_view`, or use :func:`spa.generate`.
         modulated_by_prob: the official package's probability-modulated weighting (per row).
         stopping_criteria: extra per-sequence stops, called on generated ids only.
+        stop_rule: ``stop_rule(prompt_index, sample_index, token_id) -> bool``, see :data:`StopRule`.
         observer, forward_kwargs: instrumentation (see :data:`StepObserver`); ``forward_kwargs`` go to
             every model forward, e.g. ``{"output_attentions": True}``.
         **sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_samples``
             (samples per prompt; the result then holds ``num_samples`` entries per prompt, prompt-major).
     """
+    if omega is None or max_new_tokens is None:
+        raise TypeError("spa.decode needs omega and max_new_tokens, e.g. decode(model, prompts, omega=1.3, masked_prompts=..., max_new_tokens=256)")
     validate_masking(masking)
     config = Sampling.from_kwargs(**sampling)
-    if len(prompts) != len(anchor_masks):
-        raise ValueError(f"{len(prompts)} prompts but {len(anchor_masks)} anchor masks")
-    for index, (prompt, anchor_mask) in enumerate(zip(prompts, anchor_masks)):
+    omega = float(omega)
+    prompts = [list(prompt) for prompt in prompts]
+    for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty")
-        if len(prompt) != len(anchor_mask):
-            raise ValueError(f"prompt {index} has {len(prompt)} ids but its anchor mask has {len(anchor_mask)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    masked, masked_keep = resolve_masked_views(prompts, anchor_masks=anchor_masks, mask_token_id=mask_token_id,
+                                       masked_prompts=masked_prompts, masking=masking, omega=omega)
+    budgets = _budgets(max_new_tokens, len(prompts))
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
-    # One sequence per (prompt, sample); longest first so that chunks hold prompts of similar length.
+    def row_width(prompt_index: int) -> int:
+        return max(len(prompts[prompt_index]), len(masked[prompt_index]) if masked is not None else 0)
+
+    # One sequence per (prompt, sample) with new tokens to make; widest first so that chunks hold
+    # prompts of similar length.
     sequences = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
-    order = sorted(range(len(sequences)), key=lambda i: -len(prompts[sequences[i][0]]))
-    chunk = batch_size or len(sequences)
     results: list[list[int]] = [[] for _ in sequences]
-    if max_new_tokens == 0:
-        return results
-    bar = tqdm(total=len(sequences), desc="SPA decode", unit="seq", disable=not progress)
+    order = sorted((i for i, (p, _) in enumerate(sequences) if budgets[p] > 0), key=lambda i: -row_width(sequences[i][0]))
+    chunk = batch_size or max(len(order), 1)
+    bar = tqdm(total=len(order), desc="SPA decode", unit="seq", disable=not progress)
     for start in range(0, len(order), chunk):
         members = order[start : start + chunk]
+        keys = [sequences[i] for i in members]
         decoded = _decode_chunk(
             model,
-            [list(prompts[sequences[i][0]]) for i in members],
-            [list(map(bool, anchor_masks[sequences[i][0]])) for i in members],
-            [sequences[i] for i in members],
-            omega=float(omega),
-            mask_token_id=mask_token_id,
-            max_new_tokens=max_new_tokens,
+            [prompts[p] for p, _ in keys],
+            [masked[p] for p, _ in keys] if masked is not None else None,
+            [masked_keep[p] for p, _ in keys] if masked_keep is not None else None,
+            keys,
+            [budgets[p] for p, _ in keys],
+            omega=omega,
             eos_ids=eos_ids,
-            masking=masking,
             modulated_by_prob=modulated_by_prob,
             stopping_criteria=stopping_criteria,
+            stop_rule=stop_rule,
             sampling=config,
             observer=observer,
             forward_kwargs=dict(forward_kwargs or {}),
@@ -226,53 +257,119 @@ def decode(
     return results
 
 
-def _shared_prefix_length(view_ids: torch.Tensor, view_attention: torch.Tensor) -> int:
-    """Leading columns where both views of every sequence agree (ids and mask): prefilled once, then copied."""
-    same = (view_ids[0::2] == view_ids[1::2]) & (view_attention[0::2] == view_attention[1::2])
-    differs = (~same).any(dim=0).nonzero()
-    width = view_ids.shape[1]
-    # At least the last column is left for the paired prefill, which yields the first logits.
-    return min(int(differs[0]) if differs.numel() else width, width - 1)
+def resolve_masked_views(
+    prompts: Sequence[Sequence[int]],
+    *,
+    anchor_masks: Sequence[Sequence[bool]] | None = None,
+    mask_token_id: int | None = None,
+    masked_prompts: Sequence[Sequence[int]] | None = None,
+    masking: str = "token",
+    omega: float,
+) -> tuple[list[list[int]] | None, list[list[bool]] | None]:
+    """The masked view of each prompt, from the ONE form it was given in (see :func:`decode`).
+
+    Returns (masked ids per prompt, attention keep-masks per prompt). The keep-masks are None unless
+    ``masking="attention"``; both are None when omega = 1 got no masked view.
+    """
+    if masked_prompts is not None:
+        if anchor_masks is not None or mask_token_id is not None:
+            raise ValueError(
+                "spa.decode got masked_prompts together with anchor_masks/mask_token_id. Give the masked view "
+                "one way only: masked_prompts=[ids, ...] (token ids of any length), or anchor_masks with "
+                "mask_token_id (anchored ids replaced in place)."
+            )
+        if masking != "token":
+            raise ValueError(
+                f"masking={masking!r} builds the masked view (from anchor_masks, or from the text for 'replace' "
+                "and 'delete', see spa.masked_view), but masked_prompts were given and are used as they are. "
+                "Leave masking at its default with masked_prompts, or pass anchor_masks instead of "
+                "masked_prompts for masking='attention'."
+            )
+        if len(masked_prompts) != len(prompts):
+            raise ValueError(
+                f"spa.decode got {len(masked_prompts)} masked prompts for {len(prompts)} prompts. Give one "
+                "masked prompt (a token-id list) per prompt, in the same order."
+            )
+        masked = [list(ids) for ids in masked_prompts]
+        for index, ids in enumerate(masked):
+            if len(ids) == 0:
+                raise ValueError(
+                    f"masked prompt {index} is empty: the masked view needs at least one token. Keep BOS or "
+                    "put a mask token where the anchored text was (masking='replace' instead of 'delete')."
+                )
+        return masked, None
+    if masking in TEXT_MASKING:
+        raise ConfigError(
+            f"masking={masking!r} rewrites the prompt text, which spa.decode does not see. Build the masked "
+            f"prompts with spa.masked_view(tokenizer, text, anchor_spans, {masking!r}) and pass "
+            f"masked_prompts=..., or call spa.generate(..., masking={masking!r})."
+        )
+    if anchor_masks is None:
+        if mask_token_id is not None:
+            raise ValueError(
+                "spa.decode got mask_token_id but no anchor_masks, so it cannot tell which ids to replace. "
+                "Pass anchor_masks (True where a token is anchored), or masked_prompts instead of both."
+            )
+        if omega != 1.0:
+            raise ValueError(
+                f"omega={omega} needs the masked view of each prompt: pass masked_prompts=[ids, ...] or "
+                "anchor_masks with mask_token_id. Only omega=1 (the plain model) decodes without one."
+            )
+        return None, None
+    if len(anchor_masks) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(anchor_masks)} anchor masks")
+    for index, (prompt, anchor_mask) in enumerate(zip(prompts, anchor_masks)):
+        if len(prompt) != len(anchor_mask):
+            raise ValueError(f"prompt {index} has {len(prompt)} ids but its anchor mask has {len(anchor_mask)}")
+    if masking == "attention":
+        return prompts, [[not anchored for anchored in anchor_mask] for anchor_mask in anchor_masks]
+    if mask_token_id is None:
+        raise ValueError(
+            "masking='token' with anchor_masks needs mask_token_id, the id that replaces anchored tokens "
+            "(spa.resolve_mask_token_id(tokenizer)); or pass masked_prompts instead of anchor_masks."
+        )
+    return [masked_prompt_ids(p, m, mask_token_id) for p, m in zip(prompts, anchor_masks)], None
+
+
+def _budgets(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
+    """New tokens allowed per prompt."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        budgets = [int(max_new_tokens)] * n_prompts
+    else:
+        budgets = [int(b) for b in max_new_tokens]
+        if len(budgets) != n_prompts:
+            raise ValueError(
+                f"max_new_tokens holds {len(budgets)} values for {n_prompts} prompts: give one int for all, "
+                "or one per prompt."
+            )
+    if any(b < 0 for b in budgets):
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return budgets
 
 
 @torch.inference_mode()
 def _decode_chunk(
     model,
     prompts: list[list[int]],
-    anchor_masks: list[list[bool]],
+    masked: list[list[int]] | None,
+    masked_keep: list[list[bool]] | None,
     sequence_keys: list[tuple[int, int]],
+    budgets: list[int],
     *,
     omega: float,
-    mask_token_id: int,
-    max_new_tokens: int,
     eos_ids: list[int],
-    masking: str,
     modulated_by_prob: bool,
     stopping_criteria: Sequence[StoppingCriterion],
+    stop_rule: StopRule | None,
     sampling: Sampling,
     observer: StepObserver | None = None,
     forward_kwargs: dict[str, Any] | None = None,
 ) -> list[list[int]]:
     device = model_device(model)
     n = len(prompts)
-    width = max(map(len, prompts))
-    # The views that contribute: omega = 1 is the plain model, omega = 0 the masked prompt alone.
-    views = [v for v, needed in (("original", omega != 0.0), ("masked", omega != 1.0)) if needed]
+    views = views_for(omega)
+    batch = build_views(prompts, masked, views=views, masked_keep=masked_keep, device=device)
     n_views = len(views)
-
-    def left_pad(rows: list[list], fill) -> torch.Tensor:
-        return torch.tensor([[fill] * (width - len(row)) + list(row) for row in rows], device=device)
-
-    real = left_pad([[True] * len(p) for p in prompts], False)
-    anchored = left_pad(anchor_masks, False)
-    masked_ids = [masked_prompt_ids(p, m, mask_token_id) for p, m in zip(prompts, anchor_masks)] if masking == "token" else prompts
-    ids_of = {"original": left_pad(prompts, mask_token_id), "masked": left_pad(masked_ids, mask_token_id)}
-    attention_of = {"original": real, "masked": real & ~anchored if masking == "attention" else real}
-    # Rows are interleaved per sequence: [seq0 view0, seq0 view1, seq1 view0, ...].
-    input_ids = torch.stack([ids_of[v] for v in views], dim=1).flatten(0, 1)
-    attention = torch.stack([attention_of[v] for v in views], dim=1).flatten(0, 1).long()
-    # Positions count real tokens only (anchoring never shifts them), identical for both views.
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0).repeat_interleave(n_views, dim=0)
     # The LM head is affine, so omega * W h_o + (1 - omega) * W h_m = W (omega * h_o + (1 - omega) * h_m):
     # in full-precision models the head runs once per sequence on the combined hidden state. Half
     # precision keeps the per-view logits, so that they are combined in float32 as the paper computes.
@@ -290,7 +387,7 @@ def _decode_chunk(
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
         outputs = model.base_model(**kwargs) if fused_head else model(**kwargs, **logits_to_keep)
         if observer is not None:
-            observer(step, outputs, [sequence_keys[i] for i in active.tolist()], tuple(views))
+            observer(step, outputs, [sequence_keys[i] for i in active.tolist()], views)
         if fused_head:
             hidden = outputs.last_hidden_state[:, -1].float()
             combined = omega * hidden[0::2] + (1.0 - omega) * hidden[1::2]
@@ -301,32 +398,35 @@ def _decode_chunk(
             return logits.float()
         return combine_logits(logits[0::2], logits[1::2], omega, modulated_by_prob)
 
-    # Both views agree up to the first anchored token: that prefix is prefilled once and copied.
-    shared = _shared_prefix_length(input_ids, attention) if n_views == 2 else 0
+    # Both views agree up to the first differing token (spa.views aligns those columns even when the
+    # views differ in length): that prefix is prefilled once, on the first view's rows, and copied.
+    shared = batch.shared
     if shared > 0:
-        prefix_rows = torch.arange(0, n * n_views, n_views, device=device)
-        model.base_model(input_ids=input_ids[prefix_rows, :shared], attention_mask=attention[prefix_rows, :shared],
-                         position_ids=positions[prefix_rows, :shared], past_key_values=cache, use_cache=True)
+        first = batch.rows(views[0])
+        model.base_model(input_ids=batch.input_ids[first, :shared], attention_mask=batch.attention_mask[first, :shared],
+                         position_ids=batch.position_ids[first, :shared], past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n_views)
     active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
-    scores = forward(0, input_ids[:, shared:], attention, positions[:, shared:])
+    attention = batch.attention_mask
+    scores = forward(0, batch.input_ids[:, shared:], attention, batch.position_ids[:, shared:])
     if bool(scores.isnan().any()):
         # Seen with transformers' eager attention in float64 on left-padded batches: fully masked padding
         # rows become NaN and spread. Fail loudly instead of decoding garbage.
         raise ValueError(
             f"The model produced NaN logits at the first step (dtype {model.dtype}, attention "
-            f"{getattr(model.config, '_attn_implementation', '?')}, {n} prompts of {min(map(len, prompts))}-{width} tokens). "
-            "Left padding with eager attention in float64 does this in transformers; use float32/bf16, SDPA "
-            "attention, or batch_size=1."
+            f"{getattr(model.config, '_attn_implementation', '?')}, {n} prompts of {min(map(len, prompts))}-"
+            f"{max(map(len, prompts))} tokens). Left padding with eager attention in float64 does this in "
+            "transformers; use float32/bf16, SDPA attention, or batch_size=1."
         )
 
     warpers = sampling.warpers() if sampling.do_sample else []
     generators = [sampling.generator(p, s, device) for p, s in sequence_keys] if sampling.do_sample else []
     eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
-    generated = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
+    budget = torch.tensor(budgets, device=device)
+    generated = torch.zeros(n, max(budgets), dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
-    next_position = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
+    next_position = batch.position_ids[:, -1:] + 1
+    for step in range(max(budgets)):
         if sampling.do_sample:
             for warper in warpers:
                 scores = warper(generated[active, :step], scores)
@@ -336,11 +436,12 @@ def _decode_chunk(
             tokens = torch.argmax(scores, dim=-1)
         generated[active, step] = tokens
         lengths[active] += 1
-        if step + 1 == max_new_tokens:
-            break
-        finished = torch.isin(tokens, eos)
+        finished = (lengths[active] >= budget[active]) | torch.isin(tokens, eos)
         for criterion in stopping_criteria:
             finished |= criterion(generated[active, : step + 1], scores).to(device)
+        if stop_rule is not None:
+            stops = [bool(stop_rule(*sequence_keys[i], token)) for i, token in zip(active.tolist(), tokens.tolist())]
+            finished |= torch.tensor(stops, device=device)
         if bool(finished.any()):
             keep = (~finished).nonzero().squeeze(-1)
             if keep.numel() == 0:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eval.errors import ConfigError
+from spa.errors import ConfigError
 
 Quantization = Literal["none", "8bit", "4bit"]
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}

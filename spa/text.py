@@ -23,9 +23,9 @@ from typing import Union
 
 from transformers import StopStringCriteria
 
-from eval.errors import ConfigError
+from spa.errors import ConfigError
 from spa.engine import decode
-from spa.masking import resolve_mask_token_id
+from spa.masking import TEXT_MASKING, masked_view, resolve_mask_token_id, validate_masking
 
 CharSpan = tuple[int, int]
 Anchors = Union[Sequence[CharSpan], Sequence[str], None]
@@ -187,8 +187,12 @@ def tokenize_anchored(tokenizer, text: str, anchor_spans: Sequence[CharSpan], *,
         ids.insert(0, tokenizer.bos_token_id)
         offsets.insert(0, (0, 0))
     # Zero-width tokens (BOS, other specials) never overlap a span.
-    anchor_mask = [any(s < span_end and span_start < e for span_start, span_end in spans) for s, e in offsets]
-    return AnchoredPrompt(text=text, anchor_spans=spans, input_ids=ids, anchor_mask=anchor_mask, offsets=offsets)
+    return AnchoredPrompt(text=text, anchor_spans=spans, input_ids=ids, anchor_mask=anchor_mask_of(offsets, spans), offsets=offsets)
+
+
+def anchor_mask_of(offsets: Sequence[CharSpan], anchor_spans: Sequence[CharSpan]) -> list[bool]:
+    """True for each token whose character offsets overlap an anchored span (zero-width tokens never do)."""
+    return [any(s < span_end and span_start < e for span_start, span_end in anchor_spans) for s, e in offsets]
 
 
 def anchor_prompt(
@@ -199,16 +203,73 @@ def anchor_prompt(
     return tokenize_anchored(tokenizer, text, spans, add_bos=add_bos)
 
 
+def _check_batch(prompts, anchors) -> None:
+    """Refuse the shapes that would silently mean something else: one prompt instead of a list of them,
+    one anchor list instead of one per prompt (a string is a sequence, so each character would count)."""
+    if isinstance(prompts, str):
+        single = "a single string"
+    elif isinstance(prompts, AnchoredPrompt):
+        single = "a single AnchoredPrompt"
+    elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, dict) for p in prompts):
+        single = "one chat conversation (a list of messages)"
+    else:
+        single = None
+    if single:
+        raise ConfigError(
+            f"prompts is {single}, but it must be a list of prompts (a bare string would be decoded as one "
+            "prompt per character). Wrap it: prompts=[prompt], and give anchors one anchor list per prompt, "
+            "e.g. anchors=[['text to anchor']]."
+        )
+    if anchors is None:
+        return
+    if isinstance(anchors, str) or any(isinstance(entry, (str, int)) or _is_span(entry) for entry in anchors):
+        raise ConfigError(
+            f"anchors={anchors!r} looks like the anchors of one prompt, but anchors must hold one anchor list "
+            "per prompt (a string entry would anchor each of its characters). Wrap it: for one prompt, "
+            "anchors=[['text to anchor']] or anchors=[[(start, end)]]; for several, one list (or None) per prompt."
+        )
+    if len(anchors) != len(prompts):
+        raise ConfigError(
+            f"anchors holds {len(anchors)} entries for {len(prompts)} prompts: give one anchor list (or None) per "
+            "prompt, in the same order."
+        )
+
+
+def _is_span(entry) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(x, int) for x in entry)
+
+
 def anchor_prompts(
     tokenizer, prompts: Sequence[PromptInput | AnchoredPrompt], anchors: Sequence[Anchors] | None = None, *, add_bos: bool | None = None
 ) -> list[AnchoredPrompt]:
     """:func:`anchor_prompt` for each prompt (``anchors``: one entry per prompt); anchored ones pass through."""
-    if anchors is not None and len(anchors) != len(prompts):
-        raise ValueError(f"anchors must hold one entry per prompt: {len(anchors)} for {len(prompts)} prompts")
+    _check_batch(prompts, anchors)
     return [
         p if isinstance(p, AnchoredPrompt) else anchor_prompt(tokenizer, p, a, add_bos=add_bos)
         for p, a in zip(prompts, anchors if anchors is not None else [None] * len(prompts))
     ]
+
+
+def masked_view_arguments(
+    tokenizer,
+    anchored: Sequence[AnchoredPrompt],
+    *,
+    masking: str,
+    mask_token: str | int | None = "auto",
+    add_bos: bool | None = None,
+    masked_prompts: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """The :func:`spa.decode` arguments that give the masked view of ``anchored`` prompts.
+
+    ``token`` / ``attention``: the anchor masks (and the mask token's id); ``replace`` / ``delete``: the
+    masked prompts, each rewritten text tokenized again (:func:`spa.masking.masked_view`); explicit
+    ``masked_prompts`` are passed through (decode refuses them with another ``masking``).
+    """
+    if masked_prompts is not None:
+        return {"masked_prompts": masked_prompts, "masking": masking}
+    if validate_masking(masking) in TEXT_MASKING:
+        return {"masked_prompts": [masked_view(tokenizer, a.text, a.anchor_spans, masking, mask_token=mask_token, add_bos=add_bos) for a in anchored]}
+    return {"anchor_masks": [a.anchor_mask for a in anchored], "mask_token_id": resolve_mask_token_id(tokenizer, mask_token), "masking": masking}
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -224,7 +285,7 @@ def generate(
     anchors: Sequence[Anchors] | None = None,
     *,
     omega: float,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     mask_token: str | int | None = "auto",
     stop_strings: Sequence[str] = (),
     eos_token_id: int | Sequence[int] | None = None,
@@ -237,9 +298,12 @@ def generate(
 ) -> list[str]:
     """Generate text for each prompt with SPA; returns the new text of each sequence.
 
-    ``anchors`` holds one anchor list (spans or substrings) per prompt; inline tags and per-message
-    anchors need none. Prompts already anchored (:class:`AnchoredPrompt`) are used as they are. Decoding stops at the
-    tokenizer's EOS (unless ``eos_token_id`` is given) or at a stop string, which is cut off.
+    ``prompts`` is a list of prompts and ``anchors`` holds one anchor list (spans or substrings) per
+    prompt; inline tags and per-message anchors need none. Prompts already anchored
+    (:class:`AnchoredPrompt`) are used as they are. ``masking`` is any strategy of :mod:`spa.masking`:
+    ``"replace"`` and ``"delete"`` rewrite the prompt text and tokenize it again (a masked prompt of
+    another length). ``max_new_tokens`` is one int or one per prompt. Decoding stops at the tokenizer's
+    EOS (unless ``eos_token_id`` is given) or at a stop string, which is cut off.
     """
     anchored = anchor_prompts(tokenizer, prompts, anchors, add_bos=add_bos)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
@@ -247,17 +311,14 @@ def generate(
     ids = decode(
         model,
         [a.input_ids for a in anchored],
-        [a.anchor_mask for a in anchored],
         omega=omega,
-        mask_token_id=resolve_mask_token_id(tokenizer, mask_token),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         batch_size=batch_size,
-        masking=masking,
         modulated_by_prob=modulated_by_prob,
         stopping_criteria=criteria,
         progress=progress,
+        **masked_view_arguments(tokenizer, anchored, masking=masking, mask_token=mask_token, add_bos=add_bos),
         **sampling,
     )
     return [truncate_at_stop(tokenizer.decode(seq, skip_special_tokens=True), stop_strings) for seq in ids]
-

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.evaluate import evaluate_samples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

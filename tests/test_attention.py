@@ -288,3 +288,14 @@ def test_bad_arguments_raise():
         measure_attention(model, prompts, masks, ["a", "b"], omega=1.0, mask_token_id=MASK_ID, self_every=0, progress=False)
     with pytest.raises(ValueError, match="grad_task_ids"):
         measure_attention(model, prompts, masks, ["a", "b"], omega=1.0, mask_token_id=MASK_ID, grad_task_ids=["c"], progress=False)
+
+
+@pytest.mark.parametrize("masking", ["replace", "delete"])
+def test_text_level_masking_is_refused(masking):
+    """The shares are measured over the prompt's own tokens; a re-tokenized masked view has other ones."""
+    model = eager_model("llama")
+    prompts, masks = random_prompts([6, 9])
+    with pytest.raises(ConfigError, match=f"masking='{masking}'.*'token' or 'attention'"):
+        measure_attention(model, prompts, masks, task_ids(2), omega=1.5, mask_token_id=MASK_ID, masking=masking, progress=False)
+    with pytest.raises(ConfigError, match=f"masking='{masking}'"):
+        gradient_prompt_shares(model, prompts[0], masks[0], [1, 2], [0, 1], omega=1.5, mask_token_id=MASK_ID, masking=masking)

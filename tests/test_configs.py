@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from eval.cli import CONFIG_DIR, group_options
 from eval.runner import resolve_omega
-from eval.spans import ANCHOR_CONDITIONS
+from eval.benchmarks.spans import ANCHOR_CONDITIONS
 
 PAPER_MODELS = ["codegen-350m-mono", "deepseek-coder-1.3b-instruct", "deepseek-coder-6.7b-instruct", "codellama-7b", "deepseek-coder-33b-instruct"]
 

@@ -29,18 +29,27 @@ def greedy_generate(model, prompt, max_new_tokens):
 
 
 @torch.no_grad()
-def brute_force(model, prompt, anchor_mask, omega, max_new_tokens, masking="token", modulated=False):
-    """Recompute both full sequences without any cache at every step."""
-    masked = spa.masked_prompt_ids(prompt, anchor_mask, MASK_ID) if masking == "token" else list(prompt)
+def brute_force_views(model, prompt, masked, omega, max_new_tokens, *, keep=None, modulated=False, eos=None):
+    """Recompute both full sequences, prompt + generated and masked prompt + generated, without any cache
+    at every step. ``keep``: the masked view's attention keep-mask over ``masked`` (default: all)."""
     generated = []
     for _ in range(max_new_tokens):
         original_logits = model(torch.tensor([prompt + generated])).logits[0, -1]
-        keep = [0 if (masking == "attention" and a) else 1 for a in anchor_mask] + [1] * len(generated)
-        masked_logits = model(torch.tensor([masked + generated]), attention_mask=torch.tensor([keep]),
-                              position_ids=torch.arange(len(keep))[None]).logits[0, -1]
+        attend = [int(k) for k in (keep or [True] * len(masked))] + [1] * len(generated)
+        masked_logits = model(torch.tensor([masked + generated]), attention_mask=torch.tensor([attend]),
+                              position_ids=torch.arange(len(attend))[None]).logits[0, -1]
         scores = combine_logits(original_logits[None], masked_logits[None], omega, modulated)[0]
         generated.append(int(scores.argmax()))
+        if generated[-1] == eos:
+            break
     return generated
+
+
+def brute_force(model, prompt, anchor_mask, omega, max_new_tokens, masking="token", modulated=False):
+    """The brute force for a same-length masked view: anchored ids replaced, or hidden by attention."""
+    if masking == "token":
+        return brute_force_views(model, prompt, spa.masked_prompt_ids(prompt, anchor_mask, MASK_ID), omega, max_new_tokens, modulated=modulated)
+    return brute_force_views(model, prompt, list(prompt), omega, max_new_tokens, keep=[not a for a in anchor_mask], modulated=modulated)
 
 
 def test_omega_one_equals_plain_greedy(tiny_model):
@@ -192,3 +201,199 @@ def test_nan_logits_fail_loudly():
     with pytest.raises(ValueError, match="NaN logits"):
         spa.decode(model, prompts, masks, omega=1.3, mask_token_id=MASK_ID, max_new_tokens=4)
     assert spa.decode(model, prompts[:1], masks[:1], omega=1.3, mask_token_id=MASK_ID, max_new_tokens=4)
+
+
+# ---- Masked views of any length (masked_prompts) -------------------------------------------------
+
+
+def anchored_stretch(anchor_mask):
+    """(start, end) of the contiguous anchored stretch of random_prompts."""
+    start = anchor_mask.index(True)
+    return start, start + sum(anchor_mask)
+
+
+# Masked prompts built from a prompt and its anchored stretch [a, b), as text-level masking makes them.
+MASKED_VIEWS = {
+    "shorter": lambda p, a, b: p[:a] + [MASK_ID] + p[b:],  # the stretch replaced by one mask token
+    "longer": lambda p, a, b: p[:a] + [MASK_ID, 1, 2] * (b - a) + p[b:],  # by a mask three times as long
+    "single token": lambda p, a, b: [MASK_ID],
+    "deleted span": lambda p, a, b: p[:a] + p[b:],
+    "deleted tail": lambda p, a, b: p[:a],  # a prefix of the prompt: its last token is shared too
+}
+
+
+def masked_views_of(kinds, prompts, masks):
+    kinds = [kinds] * len(prompts) if isinstance(kinds, str) else kinds
+    return [MASKED_VIEWS[kind](p, *anchored_stretch(m)) for kind, p, m in zip(kinds, prompts, masks)]
+
+
+@pytest.mark.parametrize("kind", sorted(MASKED_VIEWS))
+def test_masked_prompts_of_any_length_equal_brute_force(tiny_model, kind):
+    prompts, masks = random_prompts([13, 7, 10, 4, 16], seed=2)
+    masked = masked_views_of(kind, prompts, masks)
+    # A strong omega: the masked view's logits weigh -2 times, so any error in that view shows.
+    reference = [brute_force_views(tiny_model, p, m, 3.0, 8) for p, m in zip(prompts, masked)]
+    assert spa.decode(tiny_model, prompts, omega=3.0, masked_prompts=masked, max_new_tokens=8) == reference
+    assert spa.decode(tiny_model, prompts, omega=3.0, masked_prompts=masked, max_new_tokens=8, batch_size=2) == reference
+
+
+def test_mixed_masked_views_prefill_their_shared_prefix_exactly(tiny_model, monkeypatch):
+    import spa.engine
+
+    prompts, masks = random_prompts([14, 9, 12, 16, 6], seed=4)
+    masked = masked_views_of(["shorter", "longer", "deleted span", "shorter", "deleted tail"], prompts, masks)
+    shared = []
+
+    def recording(*args, **kwargs):
+        batch = spa.views.build_views(*args, **kwargs)
+        shared.append(batch.shared)
+        return batch
+
+    monkeypatch.setattr(spa.engine, "build_views", recording)
+    out = spa.decode(tiny_model, prompts, omega=3.0, masked_prompts=masked, max_new_tokens=9)
+    assert shared and shared[0] > 0, "views of different lengths must still share their common prefix"
+    assert out == [brute_force_views(tiny_model, p, m, 3.0, 9) for p, m in zip(prompts, masked)]
+
+
+def test_same_length_masked_prompts_equal_the_anchor_mask_form(tiny_model):
+    prompts, masks = random_prompts([9, 14, 5])
+    old_positional_form = spa.decode(tiny_model, prompts, masks, 1.3, MASK_ID, 10)
+    masked = [spa.masked_prompt_ids(p, m, MASK_ID) for p, m in zip(prompts, masks)]
+    assert spa.decode(tiny_model, prompts, omega=1.3, masked_prompts=masked, max_new_tokens=10) == old_positional_form
+
+
+def test_masked_prompts_at_omega_one_and_zero_are_plain_greedy(tiny_model):
+    prompts, masks = random_prompts([11, 6, 9])
+    masked = masked_views_of("shorter", prompts, masks)
+    assert spa.decode(tiny_model, prompts, omega=0.0, masked_prompts=masked, max_new_tokens=10) == [
+        greedy_generate(tiny_model, m, 10) for m in masked
+    ]
+    plain = [greedy_generate(tiny_model, p, 10) for p in prompts]
+    assert spa.decode(tiny_model, prompts, omega=1.0, masked_prompts=masked, max_new_tokens=10) == plain
+    assert spa.decode(tiny_model, prompts, omega=1.0, max_new_tokens=10) == plain, "omega = 1 needs no masked view"
+
+
+def test_eos_and_per_prompt_max_new_tokens():
+    model = make_tiny_model("llama")
+    prompts, masks = random_prompts([8, 13, 10, 6], seed=5)
+    masked = masked_views_of("deleted span", prompts, masks)
+    free = spa.decode(model, prompts, omega=1.4, masked_prompts=masked, max_new_tokens=20)
+    eos = free[2][4]  # a token that row 2 emits at step 4
+    budgets = [7, 0, 20, 3]
+    out = spa.decode(model, prompts, omega=1.4, masked_prompts=masked, max_new_tokens=budgets, eos_token_id=eos)
+    assert out[1] == [] and len(out[2]) <= 5
+    for full, budget, cut, prompt, view in zip(free, budgets, out, prompts, masked):
+        expected = full[:budget]
+        assert cut == (expected[: expected.index(eos) + 1] if eos in expected else expected)
+        assert cut == brute_force_views(model, prompt, view, 1.4, budget, eos=eos)
+    # The old positional form takes per-prompt budgets too.
+    legacy = spa.decode(model, prompts, masks, 1.4, MASK_ID, 20)
+    assert spa.decode(model, prompts, masks, 1.4, MASK_ID, budgets) == [f[:b] for f, b in zip(legacy, budgets)]
+    assert spa.decode(model, prompts, masks, 1.4, MASK_ID, [0] * 4) == [[]] * 4
+
+
+def test_stop_rule_sees_every_token_in_order_and_ends_its_sequence():
+    model = make_tiny_model("llama")
+    prompts, masks = random_prompts([8, 12, 10], seed=6)
+    kwargs = dict(omega=1.3, masked_prompts=masked_views_of("shorter", prompts, masks), max_new_tokens=[12, 12, 4],
+                  do_sample=True, temperature=0.9, seed=5, num_samples=2)
+    free = spa.decode(model, prompts, **kwargs)
+    eos = free[0][1]
+    seen: dict[tuple[int, int], list[int]] = {}
+
+    def stop_after_some(prompt_index, sample_index, token):  # stateful: ends a sequence at its (3 + p + s)-th token
+        seen.setdefault((prompt_index, sample_index), []).append(token)
+        return len(seen[(prompt_index, sample_index)]) == 3 + prompt_index + sample_index
+
+    out = spa.decode(model, prompts, **kwargs, eos_token_id=eos, stop_rule=stop_after_some)
+    for index, ids in enumerate(out):
+        p, s = divmod(index, 2)
+        assert seen[(p, s)] == ids, "called once per returned token, in order, the last one (EOS too) included"
+        expected = free[index][: min(3 + p + s, kwargs["max_new_tokens"][p])]
+        assert ids == (expected[: expected.index(eos) + 1] if eos in expected else expected)
+    assert out[0][-1] == eos, "EOS ended sequence (0, 0)"
+
+
+def test_sampling_with_masked_prompts_is_seeded_and_batch_independent():
+    model = make_tiny_model("qwen2")
+    prompts, masks = random_prompts([8, 12, 5, 10])
+    masked = masked_views_of(["shorter", "longer", "deleted span", "single token"], prompts, masks)
+    kwargs = dict(omega=1.3, masked_prompts=masked, max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.95, seed=11, num_samples=3)
+    first = spa.decode(model, prompts, **kwargs)
+    assert len(first) == 12
+    assert first == spa.decode(model, prompts, **kwargs, batch_size=1) == spa.decode(model, prompts, **kwargs, batch_size=5)
+    assert len({tuple(s) for s in first[:3]}) > 1, "three samples of one prompt should differ at temperature 0.8"
+    assert first != spa.decode(model, prompts, **{**kwargs, "seed": 12})
+
+
+def test_unfused_head_and_modulated_weighting_with_masked_prompts(monkeypatch):
+    import spa.engine
+
+    model = make_tiny_model("codegen")
+    prompts, masks = random_prompts([11, 7, 9])
+    masked = masked_views_of(["shorter", "longer", "deleted tail"], prompts, masks)
+    fused = spa.decode(model, prompts, omega=1.7, masked_prompts=masked, max_new_tokens=8)
+    modulated = spa.decode(model, prompts, omega=2.0, masked_prompts=masked, max_new_tokens=8, modulated_by_prob=True)
+    monkeypatch.setattr(spa.engine, "head_is_affine", lambda model: False)
+    unfused = spa.decode(model, prompts, omega=1.7, masked_prompts=masked, max_new_tokens=8)
+    assert fused == unfused == [brute_force_views(model, p, m, 1.7, 8) for p, m in zip(prompts, masked)]
+    assert modulated == [brute_force_views(model, p, m, 2.0, 8, modulated=True) for p, m in zip(prompts, masked)]
+
+
+def test_masked_view_is_given_exactly_one_way():
+    model = make_tiny_model("llama")
+    prompts, masks = random_prompts([5, 6])
+    masked = [p[:2] for p in prompts]
+    base = dict(omega=1.2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="one way only"):
+        spa.decode(model, prompts, masks, mask_token_id=MASK_ID, masked_prompts=masked, **base)
+    with pytest.raises(ValueError, match="one way only"):
+        spa.decode(model, prompts, mask_token_id=MASK_ID, masked_prompts=masked, **base)
+    with pytest.raises(ValueError, match=r"omega=1.2 needs the masked view.*masked_prompts="):
+        spa.decode(model, prompts, **base)
+    with pytest.raises(ValueError, match="1 masked prompts for 2 prompts"):
+        spa.decode(model, prompts, masked_prompts=masked[:1], **base)
+    with pytest.raises(ValueError, match="masked prompt 1 is empty"):
+        spa.decode(model, prompts, masked_prompts=[masked[0], []], **base)
+    with pytest.raises(ValueError, match="masking='attention'.*anchor_masks instead of masked_prompts"):
+        spa.decode(model, prompts, masked_prompts=masked, masking="attention", **base)
+    with pytest.raises(spa.ConfigError, match=r"masking='replace'.*spa.masked_view"):
+        spa.decode(model, prompts, masks, mask_token_id=MASK_ID, masking="replace", **base)
+    with pytest.raises(ValueError, match="mask_token_id but no anchor_masks"):
+        spa.decode(model, prompts, mask_token_id=MASK_ID, **base)
+    with pytest.raises(ValueError, match="needs mask_token_id"):
+        spa.decode(model, prompts, masks, **base)
+    with pytest.raises(ValueError, match="3 values for 2 prompts"):
+        spa.decode(model, prompts, masked_prompts=masked, omega=1.2, max_new_tokens=[1, 2, 3])
+    with pytest.raises(ValueError, match=">= 0"):
+        spa.decode(model, prompts, masked_prompts=masked, omega=1.2, max_new_tokens=[1, -1])
+    with pytest.raises(TypeError, match="needs omega and max_new_tokens"):
+        spa.decode(model, prompts, masked_prompts=masked, max_new_tokens=3)
+
+
+def test_build_views_layout():
+    from spa.views import build_views
+
+    original = [[5, 6, 7, 8, 9], [5, 6]]
+    masked = [[5, 6, 1, 9], [5, 6, 7, 8]]
+    batch = build_views(original, masked, pad_id=0)
+    # Sequence 0: the masked view is shorter; its hole sits where the views first differ (index 2).
+    # Sequence 1: the original view is a prefix of the masked one; its hole goes before its last token.
+    # Both are then left-padded to the widest row.
+    assert batch.views == ("original", "masked")
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 0, 1, 9], [0, 5, 0, 0, 6], [0, 5, 6, 7, 8]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [0, 1, 0, 0, 1], [0, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 1, 2, 3], [0, 0, 0, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch.shared == 2
+    assert batch.input_ids[batch.rows("masked")].tolist() == [[5, 6, 0, 1, 9], [0, 5, 6, 7, 8]]
+    # One view: left padding only, no prefix to share.
+    alone = build_views(original, views=("original",), pad_id=3)
+    assert alone.input_ids.tolist() == [[5, 6, 7, 8, 9], [3, 3, 3, 5, 6]]
+    assert alone.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 1]] and alone.shared == 0
+    # Attention masking: ids kept, anchored keys hidden, positions unchanged; the prefix ends at the first hidden key.
+    hidden = build_views(original, original, masked_keep=[[True, True, False, False, True], [True, True]])
+    assert hidden.attention_mask.tolist()[1] == [1, 1, 0, 0, 1]
+    assert hidden.position_ids.tolist()[1] == [0, 1, 2, 3, 4]
+    assert hidden.shared == 2
+    # Identical views share everything but the last column, which yields the first logits.
+    assert build_views(original, original).shared == 4

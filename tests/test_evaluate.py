@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.errors import HarnessError
 from eval.evaluate import GroundTruth, evaluate_samples, load_samples, write_eval_results
 from eval.sandbox import Sandbox

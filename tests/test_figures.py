@@ -19,12 +19,14 @@ FAST = Settings(bootstrap_resamples=1000)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_attention_cell(runs: Path, model: str, omega: float, lengths: list[int], *, status: str = "complete") -> Path:
+def write_attention_cell(
+    runs: Path, model: str, omega: float, lengths: list[int], *, status: str = "complete", protocol: str = "evalplus"
+) -> Path:
     """An attention run: per task, prompt share decaying with the generated-token step."""
-    cell = runs / "attention" / model / "humaneval" / f"omega={float(omega)}"
+    cell = runs / "attention" / model / "humaneval" / protocol / f"omega={float(omega)}"
     cell.mkdir(parents=True)
-    manifest = {"experiment": "attention", "model": {"name": model}, "benchmark": "humaneval", "anchor": "nl",
-                "omega": float(omega), "status": status, "n_tasks": len(lengths)}
+    manifest = {"experiment": "attention", "model": {"name": model}, "benchmark": "humaneval", "protocol": protocol,
+                "anchor": "nl", "omega": float(omega), "status": status, "n_tasks": len(lengths)}
     (cell / "manifest.json").write_text(json.dumps(manifest))
     rng = np.random.default_rng(len(lengths))
     lines = []
@@ -50,19 +52,27 @@ def test_attention_figures_are_drawn_for_synthetic_runs(tmp_path: Path) -> None:
     outputs = aggregate(runs, tmp_path / "out", "figures", FAST)
     files = figure_files(outputs)
     for stem in ("figure2_self_attention", "figure3_gradient_attention", "attention_spa_vs_plain"):
-        assert files[f"{stem}.png"].startswith(PNG_MAGIC) and len(files[f"{stem}.png"]) > 10_000
-        assert files[f"{stem}.pdf"].startswith(b"%PDF")
-    assert "figure4_omega.png" not in files  # no sweep: skipped with a note, no empty figure
+        name = f"{stem}-evalplus"  # one set of figures per protocol
+        assert files[f"{name}.png"].startswith(PNG_MAGIC) and len(files[f"{name}.png"]) > 10_000
+        assert files[f"{name}.pdf"].startswith(b"%PDF")
+    assert not any(name.startswith("figure4_omega") for name in files)  # no sweep: skipped, no empty figure
     assert any(note.startswith("figure4_omega skipped") for note in outputs.notes)
     curves = pd.read_csv(io.BytesIO(next(d for p, d in outputs.files.items() if p.name == "attention_curves.csv")))
     assert curves["step"].max() == 399  # the first 400 generated tokens
+    assert set(curves["protocol"]) == {"evalplus"}
+    # The same data as Markdown and LaTeX tables (one row per protocol, model, omega, kind and step).
+    tables = {path.name: data.decode() for path, data in outputs.files.items() if path.parent.name == "tables"}
+    markdown, latex = tables["attention_curves.md"], tables["attention_curves.tex"]
+    assert "| Protocol " in markdown and "| evalplus " in markdown and "DeepSeek-Coder (1.3B)" in markdown
+    assert len(markdown.splitlines()) == len(curves) + 4  # title, blank line, header, rule
+    assert r"\toprule" in latex and "evalplus" in latex and r"\label{tab:attention_curves}" in latex
     # write_outputs is what makes them files; aggregate itself writes nothing.
     assert not (tmp_path / "out").exists()
 
 
 def test_attention_curves_mean_band_and_sequences_alive() -> None:
     attention = pd.DataFrame(
-        {"model": "m", "benchmark": "humaneval", "omega": 1.0, "kind": "self",
+        {"protocol": "evalplus", "model": "m", "benchmark": "humaneval", "omega": 1.0, "kind": "self",
          "task_id": ["a", "b", "c", "a", "b", "a"], "step": [0, 0, 0, 1, 1, 2], "share": [0.2, 0.4, 0.6, 0.5, 0.5, 0.9]}
     )
     curves = attention_curves(attention, max_step=400).set_index("step")
@@ -81,8 +91,8 @@ def test_spa_comparison_needs_a_second_omega(tmp_path: Path) -> None:
     write_attention_cell(runs, "codellama-7b", 1.0, [40, 70], status="incomplete")
     outputs = aggregate(runs, tmp_path / "out", "figures", FAST)
     files = figure_files(outputs)
-    assert "figure2_self_attention.png" in files and "attention_spa_vs_plain.png" not in files
-    assert any(note.startswith("attention_spa_vs_plain skipped") for note in outputs.notes)
+    assert "figure2_self_attention-evalplus.png" in files and "attention_spa_vs_plain-evalplus.png" not in files
+    assert any(note.startswith("attention_spa_vs_plain-evalplus skipped") for note in outputs.notes)
     assert any("status 'incomplete'" in note for note in outputs.notes)
 
 
@@ -109,3 +119,36 @@ def test_omega_sweep_figure_has_one_panel_per_benchmark_column() -> None:
     rendered = figures.render(figure)
     assert rendered["png"].startswith(PNG_MAGIC) and rendered["pdf"].startswith(b"%PDF")
     assert b"CreationDate" not in rendered["pdf"]  # no timestamp in the file
+
+
+def test_attention_axis_ends_where_the_data_ends(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_attention_cell(runs, "tiny", 1.0, [40, 25])
+    write_attention_cell(runs, "tiny", 1.3, [30, 20])
+    curves = attention_curves(load_runs(runs).attention, max_step=400).assign(label="tiny")
+    assert curves["step"].max() == 39
+    plain = curves[curves["omega"] == 1.0]
+    figure = figures.attention_figure(plain[plain["kind"] == "self"], ["tiny"], {}, "t", max_step=400)
+    assert [ax.get_xlim()[1] for ax in figure.get_axes()] == [40, 40]  # tokens 0-39, not a 0-400 axis
+    figure = figures.spa_vs_plain_figure(curves, ["tiny"], max_step=400)
+    assert {ax.get_xlim()[1] for ax in figure.get_axes()} == {40}
+    # Longer data is still cut at max_step.
+    long = write_attention_cell(tmp_path / "long", "tiny", 1.0, [450, 300])
+    curves = attention_curves(load_runs(long.parents[4]).attention, max_step=400).assign(label="tiny")
+    figure = figures.attention_figure(curves[curves["kind"] == "self"], ["tiny"], {}, "t", max_step=400)
+    assert figure.get_axes()[1].get_xlim()[1] == 400
+
+
+def test_one_set_of_figures_per_protocol(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_attention_cell(runs, "tiny", 1.0, [50, 90])
+    write_attention_cell(runs, "tiny", 1.0, [30, 60], protocol="authors")
+    write_attention_cell(runs, "tiny", 1.3, [30, 60], protocol="authors")
+    outputs = aggregate(runs, tmp_path / "out", "figures", FAST)
+    files = figure_files(outputs)
+    for protocol in ("evalplus", "authors"):
+        assert f"figure2_self_attention-{protocol}.png" in files and f"figure3_gradient_attention-{protocol}.pdf" in files
+    assert "attention_spa_vs_plain-authors.png" in files and "attention_spa_vs_plain-evalplus.png" not in files
+    assert not any(name.startswith("figure2_self_attention.") for name in files)
+    curves = pd.read_csv(io.BytesIO(next(d for p, d in outputs.files.items() if p.name == "attention_curves.csv")))
+    assert list(curves.groupby("protocol")["step"].max().sort_index()) == [59, 89]  # authors, evalplus: never pooled

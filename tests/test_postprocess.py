@@ -7,10 +7,10 @@ import ast
 import pytest
 from evalplus.sanitize import sanitize
 
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.errors import ConfigError
-from eval.postprocess import extract_code, sanitizer_damage, to_solution, truncate_at_stop
-from eval.prompts import build_prompt
+from eval.benchmarks.postprocess import extract_code, sanitizer_damage, to_solution, truncate_at_stop
+from eval.benchmarks.prompts import build_prompt
 from tests.test_prompts import load_tokenizer
 
 

@@ -9,16 +9,16 @@ from pathlib import Path
 import evalplus.codegen
 import pytest
 
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.errors import ConfigError
-from eval.prompts import (
+from eval.benchmarks.prompts import (
     INSTRUCT_PREFILL,
     INSTRUCTION_PREFIX,
     RESPONSE_PREFIX,
     build_prompt,
     stop_strings,
 )
-from eval.spans import anchor_char_spans, segment
+from eval.benchmarks.spans import anchor_char_spans, segment
 
 CONDITIONS = {"humaneval": ("none", "nl", "nl+test", "nl+code", "nl+code+test", "all"), "mbpp": ("none", "nl", "nl+test", "all")}
 HUMANEVAL_0_NL = "Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold."

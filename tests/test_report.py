@@ -47,15 +47,18 @@ def write_cell(
     status: str = "complete",
     generation: dict | None = None,
     with_results: bool = True,
+    protocol: str = "evalplus",
 ) -> Path:
     """One run cell in the runner's layout, with one greedy sample per task."""
     plus = base if plus is None else plus
-    cell = runs / experiment / model / benchmark / anchor / f"omega={float(omega)}"
+    cell = runs / experiment / model / benchmark / protocol / anchor / f"omega={float(omega)}"
     cell.mkdir(parents=True)
     manifest = {
         "experiment": experiment,
         "model": {"name": model, "hf_id": f"org/{model}", "revision": None},
         "benchmark": benchmark,
+        "protocol": protocol,
+        "protocol_settings": {"name": protocol, "max_length": None},
         "anchor": anchor,
         "omega": float(omega),
         "spa": {"omega": float(omega), "masking": "token"},
@@ -72,7 +75,7 @@ def write_cell(
             f"{TASK_PREFIX[benchmark]}/{i}": [{"base_status": verdict[b], "plus_status": verdict[p], "details": None}]
             for i, (b, p) in enumerate(zip(base, plus))
         }
-        results = {"benchmark": benchmark, "dataset_sha256": "abc", "pass@1": {}, "tasks": tasks}
+        results = {"benchmark": benchmark, "dataset_sha256": "abc", "dataset_version": "v0", "pass@1": {}, "tasks": tasks}
         (cell / "eval_results.json").write_text(json.dumps(results))
     return cell
 
@@ -198,6 +201,7 @@ def test_table1_exact_numbers_and_paper_side_by_side(runs: Path, tmp_path: Path)
     outputs = aggregate(runs, tmp_path / "out", "tables", FAST)
     table1 = table(outputs, "table1")
     tiny = row(table1, model_key="tiny", benchmark="HumanEval")
+    assert tiny.protocol == "evalplus"
     assert (tiny.baseline, tiny.spa, tiny.gain) == pytest.approx((25.0, 55.0, 30.0))
     assert tiny.p_value == pytest.approx(binomtest(8, 10, 0.5).pvalue)
     assert tiny.gain_ci_low < 30.0 < tiny.gain_ci_high
@@ -227,7 +231,7 @@ def test_missing_cells_are_nan_and_a_dash_never_zero(runs: Path, tmp_path: Path)
     assert "NaN" in text_of(outputs, "table1.csv")
     markdown_row = line_with(text_of(outputs, "table1.md"), "tiny", "| MBPP ")
     cells = [cell.strip() for cell in markdown_row.strip("|").split("|")]
-    assert cells[4:8] == ["—", "—", "—", "—"]  # tasks, baseline, SPA, gain
+    assert cells[5:9] == ["—", "—", "—", "—"]  # tasks, baseline, SPA, gain
     assert "0.0" not in cells
     latex_row = line_with(text_of(outputs, "table1.tex"), "tiny", "& MBPP &")
     assert "---" in latex_row
@@ -291,11 +295,15 @@ def test_table3_and_table1_cross_validated_omega_on_a_known_grid(tmp_path: Path)
     for omega, passing in ((1.1, 20), (1.2, 30), (1.4, 25)):
         write_cell(runs, "sweep", "tiny", "humaneval", "nl", omega, outcomes(n, range(passing)))
     outputs = aggregate(runs, tmp_path / "out", "tables", FAST)
-    table3 = row(table(outputs, "table3"), model_key="tiny", benchmark="HumanEval")
-    assert (table3.test_optimal_omega, table3.test_optimal_spa, table3.baseline) == (1.2, 75.0, 25.0)
-    assert table3.cv_fold_omegas == "1.2 1.2 1.2 1.2 1.2"
-    assert (table3.cv_omega, table3.cv_spa, table3.cv_gain) == pytest.approx((1.2, 75.0, 50.0))
+    table3 = row(table(outputs, "table3"), model_key="tiny", benchmark="humaneval")  # one row per dataset pair
+    assert (table3.datasets, table3.protocol) == ("HumanEval / HumanEval+", "evalplus")
+    assert (table3.test_optimal_omega, table3.test_optimal_base, table3.baseline_base) == (1.2, 75.0, 25.0)
+    assert (table3.test_optimal_plus, table3.baseline_plus) == (75.0, 25.0)  # plus = base in this grid
+    assert table3.cv_fold_omegas == "1.2 1.2 1.2 1.2 1.2" and table3.cv_folds == 5
+    assert (table3.cv_omega, table3.cv_base_spa, table3.cv_base_gain) == pytest.approx((1.2, 75.0, 50.0))
+    assert (table3.cv_plus_spa, table3.cv_plus_gain) == pytest.approx((75.0, 50.0))
     assert table3.sweep_omegas == "1 1.1 1.2 1.4"
+    assert "5-fold CV" in outputs.printed[2]
     # Not a paper model and no table1 experiment: Table 1 falls back to the (labelled) test-set argmax.
     table1 = row(table(outputs, "table1"), model_key="tiny", benchmark="HumanEval")
     assert (table1.omega, table1.omega_source) == (1.2, "test-set argmax (optimistic)")
@@ -305,8 +313,125 @@ def test_table3_and_table1_cross_validated_omega_on_a_known_grid(tmp_path: Path)
     assert list(figure4[figure4.benchmark == "HumanEval"].omega) == [1.0, 1.1, 1.2, 1.4]
 
 
+def test_protocols_get_their_own_rows_and_never_share_a_baseline(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # evalplus: baseline and SPA. authors: SPA only, with otherwise identical settings and dataset hash.
+    write_cell(runs, "table1", "tiny", "humaneval", "none", 1.0, outcomes(10, range(2)))
+    write_cell(runs, "table1", "tiny", "humaneval", "nl", 1.3, outcomes(10, range(5)))
+    write_cell(runs, "table1", "tiny", "humaneval", "nl", 1.3, outcomes(10, range(7)), protocol="authors")
+    for protocol in ("evalplus", "authors"):
+        write_cell(runs, "table1", "deepseek-coder-6.7b-instruct", "humaneval", "nl", 1.28, outcomes(4, range(3)),
+                   protocol=protocol)
+    loaded = load_runs(runs)
+    by_key = {(c.protocol, c.anchor): c for c in loaded.cells if c.model == "tiny"}
+    assert set(by_key) == {("evalplus", "none"), ("evalplus", "nl"), ("authors", "nl")}
+    assert baseline_of(by_key[("evalplus", "nl")], loaded) is by_key[("evalplus", "none")]
+    assert baseline_of(by_key[("authors", "nl")], loaded) is None  # never the other protocol's baseline
+    assert by_key[("authors", "nl")].fingerprint != by_key[("evalplus", "nl")].fingerprint
+
+    outputs = aggregate(runs, tmp_path / "out", "tables", FAST)
+    table1 = table(outputs, "table1")
+    tiny = table1[(table1.model_key == "tiny") & (table1.benchmark == "HumanEval")]
+    assert list(tiny.protocol) == ["evalplus", "authors"]  # two rows, side by side
+    assert list(tiny.index) == [tiny.index[0], tiny.index[0] + 1]
+    evalplus, authors = row(tiny, protocol="evalplus"), row(tiny, protocol="authors")
+    assert (evalplus.baseline, evalplus.spa, evalplus.gain) == pytest.approx((20.0, 50.0, 30.0))
+    assert authors.spa == 70.0 and math.isnan(authors.baseline) and math.isnan(authors.gain)
+    table2 = table(outputs, "table2")
+    nl = table2[(table2.anchor_key == "nl") & (table2.benchmark == "HumanEval")]
+    assert list(nl.protocol) == ["evalplus", "authors"] and list(nl.n_models) == [1, 0]
+    assert row(nl, protocol="evalplus").gain == pytest.approx(30.0) and math.isnan(row(nl, protocol="authors").gain)
+    # A paper model with runs under both protocols: two rows, each beside the paper's numbers.
+    deepseek = table1[(table1.model_key == "deepseek-coder-6.7b-instruct") & (table1.benchmark == "HumanEval")]
+    assert list(deepseek.protocol) == ["evalplus", "authors"] and list(deepseek.paper_spa) == [83.5, 83.5]
+    markdown = text_of(outputs, "table1.md")
+    assert "| Protocol " in markdown
+    assert "| 70.0 " in line_with(markdown, "tiny", "| HumanEval ", "| authors ")
+
+    # A baseline of the same protocol in another experiment with matching settings is borrowed;
+    # the sweep of each protocol has only its own cells.
+    write_cell(runs, "other", "tiny", "humaneval", "none", 1.0, outcomes(10, range(3)), protocol="authors")
+    loaded = load_runs(runs)
+    authors_spa = next(c for c in loaded.cells if (c.model, c.protocol, c.anchor) == ("tiny", "authors", "nl"))
+    borrowed = baseline_of(authors_spa, loaded)
+    assert borrowed is not None and (borrowed.experiment, borrowed.protocol) == ("other", "authors")
+    outputs = aggregate(runs, tmp_path / "out", "tables", FAST)
+    authors = row(table(outputs, "table1"), model_key="tiny", benchmark="HumanEval", protocol="authors")
+    assert (authors.baseline, authors.spa, authors.gain) == pytest.approx((30.0, 70.0, 40.0))
+    figure4 = table(outputs, "figure4_omega")
+    tiny4 = figure4[(figure4.model_key == "tiny") & (figure4.benchmark == "HumanEval")]
+    assert list(zip(tiny4.protocol, tiny4.omega, tiny4.pass_at_1)) == [
+        ("evalplus", 1.0, 20.0), ("evalplus", 1.3, 50.0), ("authors", 1.0, 30.0), ("authors", 1.3, 70.0)
+    ]
+    table3 = table(outputs, "table3")
+    assert list(table3[(table3.model_key == "tiny") & (table3.benchmark == "humaneval")].protocol) == ["evalplus", "authors"]
+    figure_names = {path.name for path in aggregate(runs, tmp_path / "out", "figures", FAST).files}
+    assert {"figure4_omega-evalplus.png", "figure4_omega-authors.pdf"} <= figure_names  # one Figure 4 per protocol
+    assert "figure4_omega.png" not in figure_names
+
+
+def test_table3_picks_one_omega_per_dataset_pair(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    n = 40
+    # (base passes, plus passes) out of 40: HumanEval alone would pick 1.1, HumanEval+ alone 1.4;
+    # the pair score (mean of base and plus per task) peaks at 1.2: 26 vs 20, 25, 9 tasks.
+    grid = {1.0: (10, 8), 1.1: (30, 10), 1.2: (28, 24), 1.4: (25, 25)}
+    for omega, (base, plus) in grid.items():
+        anchor = "none" if omega == 1.0 else "nl"
+        write_cell(runs, "sweep", "tiny", "humaneval", anchor, omega, outcomes(n, range(base)), outcomes(n, range(plus)))
+    outputs = aggregate(runs, tmp_path / "out", "tables", FAST)
+    table3 = table(outputs, "table3")
+    pair = row(table3, model_key="tiny", benchmark="humaneval")
+    assert len(table3[table3.model_key == "tiny"]) == 2  # one row per pair: HumanEval(+) and MBPP(+)
+    assert pair.test_optimal_omega == 1.2
+    assert (pair.test_optimal_base, pair.test_optimal_plus) == (70.0, 60.0)  # Pass@1 on both at that omega
+    assert (pair.baseline_base, pair.baseline_plus) == (25.0, 20.0)
+    folds = [float(w) for w in pair.cv_fold_omegas.split()]
+    assert len(folds) == pair.cv_folds == 5 and pair.cv_omega == pytest.approx(np.mean(folds))
+    # Table 1: both columns of the pair use the same omega, for the SPA cell and for the CV columns.
+    table1 = table(outputs, "table1")
+    base_row = row(table1, model_key="tiny", benchmark="HumanEval")
+    plus_row = row(table1, model_key="tiny", benchmark="HumanEval+")
+    assert base_row.omega == plus_row.omega == 1.2
+    assert base_row.omega_source == plus_row.omega_source == "test-set argmax (optimistic)"
+    assert (base_row.spa, plus_row.spa) == (70.0, 60.0)
+    assert base_row.cv_fold_omegas == plus_row.cv_fold_omegas == pair.cv_fold_omegas
+    assert base_row.cv_omega == plus_row.cv_omega == pytest.approx(pair.cv_omega)
+    assert (base_row.cv_spa, plus_row.cv_spa) == pytest.approx((pair.cv_base_spa, pair.cv_plus_spa))
+    assert (base_row.cv_gain, plus_row.cv_gain) == pytest.approx((pair.cv_base_gain, pair.cv_plus_gain))
+    # The paper's models: one Table 3 omega per pair, as printed.
+    deepseek = row(table3, model_key="deepseek-coder-6.7b-instruct", benchmark="mbpp")
+    assert (deepseek.datasets, deepseek.paper_omega) == ("MBPP / MBPP+", 1.25)
+
+
+def test_table3_states_the_number_of_folds_actually_used(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_cell(runs, "sweep", "tiny", "humaneval", "none", 1.0, outcomes(4, range(1)))
+    write_cell(runs, "sweep", "tiny", "humaneval", "nl", 1.3, outcomes(4, range(3)))
+    outputs = aggregate(runs, tmp_path / "out", "tables", FAST)  # cv_folds = 5, but only 4 tasks
+    pair = row(table(outputs, "table3"), model_key="tiny", benchmark="humaneval")
+    assert pair.cv_folds == 4 and len(pair.cv_fold_omegas.split()) == 4
+    title = text_of(outputs, "table3.md").splitlines()[0]
+    assert "4-fold CV" in title and "5-fold" not in title
+    assert "| CV folds " in text_of(outputs, "table3.md")
+    assert row(table(outputs, "table1"), model_key="tiny", benchmark="HumanEval").cv_folds == 4
+
+
+def test_a_manifest_without_protocol_is_not_counted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cell = write_cell(runs, "table1", "tiny", "humaneval", "none", 1.0, outcomes(4, range(1)))
+    old = runs / "table1" / "tiny" / "humaneval" / "none" / "omega=1.0"  # the layout before protocols
+    old.parent.mkdir(parents=True)
+    cell.rename(old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["protocol"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_runs(runs)
+    assert loaded.cells == [] and len(loaded.skipped) == 1 and "names no protocol" in loaded.skipped[0]
+
+
 def test_corrupt_results_raise_one_paragraph_naming_the_file(runs: Path) -> None:
-    broken = runs / "table1" / "tiny" / "humaneval" / "nl" / "omega=1.3" / "eval_results.json"
+    broken = runs / "table1" / "tiny" / "humaneval" / "evalplus" / "nl" / "omega=1.3" / "eval_results.json"
     broken.write_text('{"benchmark": "humaneval", "tasks": {')
     with pytest.raises(HarnessError) as error:
         load_runs(runs)
@@ -347,7 +472,7 @@ def test_cli_corrupt_json_exits_2_and_writes_nothing(runs: Path, tmp_path: Path)
     out = tmp_path / "out"
     (out / "tables").mkdir(parents=True)
     (out / "tables" / "table1.csv").write_text("earlier results\n")
-    broken = runs / "table1" / "deepseek-coder-6.7b-instruct" / "humaneval" / "none" / "omega=1.0" / "manifest.json"
+    broken = runs / "table1" / "deepseek-coder-6.7b-instruct" / "humaneval" / "evalplus" / "none" / "omega=1.0" / "manifest.json"
     broken.write_text("{not json")
     result = run_cli(tmp_path, "runs_dir=runs", "out_dir=out")
     assert result.returncode == 2

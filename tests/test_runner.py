@@ -36,7 +36,7 @@ def read_lines(path):
 
 def test_cell_layout_and_provenance(make_cfg, tmp_path):
     path = run_cell(make_cfg("benchmark=mbpp", "anchor=nl+test", "spa.omega=1.3", "experiment_name=unit"))
-    assert path == tmp_path / "runs" / "unit" / "tiny" / "mbpp" / "nl+test" / "omega=1.3"
+    assert path == tmp_path / "runs" / "unit" / "tiny" / "mbpp" / "evalplus" / "nl+test" / "omega=1.3"
     samples = read_lines(path / "samples.jsonl")
     assert [s["task_id"] for s in samples] == ["Mbpp/2", "Mbpp/3", "Mbpp/4"]
     assert all(s["n_generated_tokens"] <= 6 and s["n_anchored_tokens"] > 0 and "solution" in s for s in samples)
@@ -70,7 +70,7 @@ def test_resume_after_crash_keeps_finished_tasks(make_cfg):
 def test_omega_one_is_stored_once_for_every_anchor(make_cfg, tmp_path):
     first = run_cell(make_cfg("anchor=nl", "spa.omega=1.0"))
     second = run_cell(make_cfg("anchor=nl+test", "spa.omega=1"))
-    assert first == second == tmp_path / "runs" / "default" / "tiny" / "humaneval" / "none" / "omega=1.0"
+    assert first == second == tmp_path / "runs" / "default" / "tiny" / "humaneval" / "evalplus" / "none" / "omega=1.0"
     assert len(read_lines(first / "samples.jsonl")) == 3
 
 
@@ -114,7 +114,7 @@ def test_attention_cell_records_and_resumes(tmp_path, model_cache, data_dir):
         cfg = compose("attention", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}",
                                               "limit=2", "generation.max_new_tokens=8", "spa.omega=1.3", "attention.grad_every=4", "attention.grad_tasks=1"])
     path = run_attention_cell(cfg)
-    assert path == tmp_path / "runs" / "attention" / "tiny" / "humaneval" / "omega=1.3"
+    assert path == tmp_path / "runs" / "attention" / "tiny" / "humaneval" / "evalplus" / "omega=1.3"
     records = {r["task_id"]: r for r in read_lines(path / "attention.jsonl")}
     assert set(records) == {"HumanEval/0", "HumanEval/1"}
     first = records["HumanEval/0"]
@@ -167,3 +167,36 @@ def test_cell_end_to_end_with_sandboxed_evaluation(tmp_path, ground_truth_cache,
     stamp = (path / "eval_results.json").stat().st_mtime_ns
     run_cell(cfg)
     assert (path / "eval_results.json").stat().st_mtime_ns == stamp, "a complete cell is not recomputed"
+
+
+def test_authors_protocol_cell(make_cfg, tmp_path, data_dir):
+    """protocol=authors: its own directory, their prompts and shorter masked view, the total-length budget."""
+    from eval.benchmarks.protocols import ProtocolSettings, make_protocol
+    from eval.runner import load_tokenizer
+
+    cfg = make_cfg("protocol=authors", "benchmark=mbpp", "spa.omega=1.3", "experiment_name=unit")
+    path = run_cell(cfg)
+    assert path == tmp_path / "runs" / "unit" / "tiny" / "mbpp" / "authors" / "nl" / "omega=1.3"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["protocol"] == "authors" and manifest["dataset_version"] == "v0.1.0"
+    assert manifest["dataset_sha256"] == "57d639e77667d88930052b2b07212011c25c0bab94dfc1f19d15e1f7f558bfa9"
+    assert manifest["authors_file_sha256"] == "7d0618f25b41baf162d8de1237f74936a6448b7b061dcb26940bfa8c0d85153d"
+    assert manifest["model"]["mask_string"] == "<pad>" and manifest["model"]["mask_token_id"] == 32018
+    samples = read_lines(path / "samples.jsonl")
+    protocol = make_protocol(ProtocolSettings.from_config(manifest["protocol_settings"]), manifest["config"]["model"],
+                             load_tokenizer(cfg), masking=None, max_new_tokens=6, data_dir=data_dir,
+                             authors_data_dir=data_dir.parent / "reference" / "spa-authors" / "dataset")
+    tasks = protocol.tasks("mbpp")
+    for sample in samples:
+        inputs = protocol.model_inputs(tasks[sample["task_id"]], "mbpp", "nl")
+        assert sample["n_prompt_tokens"] == len(inputs.input_ids) > sample["n_masked_prompt_tokens"] == len(inputs.masked_input_ids)
+        assert sample["n_generated_tokens"] <= 6 and sample["raw_solution"] == sample["completion"]
+    # The same settings under the other protocol are another cell; nothing is shared or refused.
+    other = run_cell(make_cfg("protocol=evalplus", "benchmark=mbpp", "spa.omega=1.3", "experiment_name=unit"))
+    assert other.parent.parent.name == "evalplus" and other != path
+
+
+def test_authors_protocol_refuses_conditions_it_never_ran(make_cfg):
+    with pytest.raises(ConfigError, match="does not exist in the authors' code"):
+        run_cell(make_cfg("protocol=authors", "anchor=nl+code"))
+    assert run_cell(make_cfg("protocol=authors", "anchor=nl+code", "skip_invalid=true")) is None

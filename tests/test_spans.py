@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.errors import ConfigError, DatasetError
-from eval.spans import ANCHOR_CONDITIONS, Span, anchor_char_spans, segment, validate_condition
+from eval.benchmarks.spans import ANCHOR_CONDITIONS, Span, anchor_char_spans, segment, validate_condition
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCHMARKS = ("humaneval", "mbpp")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 import spa
-from eval.data import load_tasks
+from eval.benchmarks.data import load_tasks
 from eval.errors import ConfigError
 from spa.text import anchor_prompt, merge_spans, resolve_add_bos, truncate_at_stop
 
@@ -151,3 +152,71 @@ def test_generate_text_with_stop_strings(tokenizer_dir, tmp_path):
     cut = spa.generate(model, tokenizer, prompts, omega=1.3, max_new_tokens=24, eos_token_id=[], stop_strings=[stop])
     assert cut[0] == full[0][: full[0].find(stop)]
     assert stop not in cut[0]
+
+
+@pytest.mark.parametrize("name,mask_string", [("codellama-7b", "<unk>"), ("deepseek-coder-instruct", "<｜end▁of▁sentence｜>")])
+def test_masked_view_replace_and_delete_tokenize_the_rewritten_text(tokenizers, humaneval0, name, mask_string):
+    tokenizer = tokenizers[name]
+    prompt, (start, end) = humaneval0
+    bos = [tokenizer.bos_token_id]  # both models expect BOS (see GOLDEN)
+
+    def encode(text):
+        return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    replaced = spa.masked_view(tokenizer, prompt, [(start, end)], "replace")
+    assert replaced == encode(prompt[:start] + mask_string + prompt[end:])
+    assert replaced.count(spa.resolve_mask_token_id(tokenizer)) == 1, "the whole span becomes ONE mask token"
+    assert spa.masked_view(tokenizer, prompt, [(start, end)], "replace", mask_token="MASK") == encode(prompt[:start] + "MASK" + prompt[end:])
+    deleted = spa.masked_view(tokenizer, prompt, [(start, end)], "delete")
+    assert deleted == encode(prompt[:start] + prompt[end:])
+    original = anchor_prompt(tokenizer, prompt, [(start, end)])
+    assert len(deleted) < len(replaced) < len(original.input_ids)
+    # Several spans, touching ones merged into one: each anchored stretch becomes one mask string.
+    spans = [(start, start + 10), (start + 10, start + 20), (end - 5, end)]
+    assert spa.masked_view(tokenizer, prompt, spans, "replace") == encode(
+        prompt[:start] + mask_string + prompt[start + 20 : end - 5] + mask_string + prompt[end:]
+    )
+    # token / attention keep the prompt's length.
+    token = spa.masked_view(tokenizer, prompt, [(start, end)], "token")
+    assert token == spa.masked_prompt_ids(original.input_ids, original.anchor_mask, spa.resolve_mask_token_id(tokenizer))
+    assert spa.masked_view(tokenizer, prompt, [(start, end)], "attention") == original.input_ids
+    with pytest.raises(ConfigError, match="Unknown SPA masking"):
+        spa.masked_view(tokenizer, prompt, [(start, end)], "blank")
+
+
+def test_generate_with_text_level_masking_equals_decode_of_the_masked_view(tokenizers):
+    from tests.conftest import make_tiny_model
+
+    tokenizer = tokenizers["codellama-7b"]
+    model = make_tiny_model("llama", vocab_size=32016, dtype=torch.float32)
+    prompts = ["def <anchor>sort the list in place</anchor>(xs):\n", "# <anchor>return the sum</anchor>\ndef total(values):"]
+    anchored = [anchor_prompt(tokenizer, p) for p in prompts]
+    for masking in ("replace", "delete"):
+        texts = spa.generate(model, tokenizer, prompts, omega=1.5, max_new_tokens=[10, 6], eos_token_id=[], masking=masking)
+        masked = [spa.masked_view(tokenizer, a.text, a.anchor_spans, masking) for a in anchored]
+        ids = spa.decode(model, [a.input_ids for a in anchored], omega=1.5, masked_prompts=masked, max_new_tokens=[10, 6])
+        assert texts == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        assert [len(i) for i in ids] == [10, 6]
+
+
+def test_a_bare_string_instead_of_a_list_of_prompts_is_refused(tokenizers):
+    tokenizer = tokenizers["codellama-7b"]
+    with pytest.raises(ConfigError, match=r"prompts is a single string.*list of prompts.*prompts=\[prompt\]"):
+        spa.generate(None, tokenizer, "def f(xs):\n    return sorted(xs)", omega=1.3, max_new_tokens=8)
+    with pytest.raises(ConfigError, match="one chat conversation"):
+        spa.generate(None, tokenizer, [{"role": "user", "content": "Sort a list."}], omega=1.3, max_new_tokens=8)
+    with pytest.raises(ConfigError, match="list of prompts"):
+        spa.SPALogitsProcessor.prepare(None, tokenizer, "def f(xs):", omega=1.3)
+
+
+def test_a_flat_anchor_list_for_one_prompt_is_refused(tokenizers):
+    tokenizer = tokenizers["codellama-7b"]
+    prompt = "def order(xs):\n    return sorted(xs)"
+    for flat in (["order"], "order", [(4, 9)], (4, 9)):
+        with pytest.raises(ConfigError, match=r"one anchor list per prompt.*anchors=\[\['text to anchor'\]\]"):
+            spa.generate(None, tokenizer, [prompt], flat, omega=1.3, max_new_tokens=8)
+    with pytest.raises(ConfigError, match="2 entries for 1 prompts"):
+        spa.generate(None, tokenizer, [prompt], [["order"], ["xs"]], omega=1.3, max_new_tokens=8)
+    # The right shapes pass: one list per prompt.
+    assert spa.text.anchor_prompts(tokenizer, [prompt], [["order"]])[0].anchored_text == ["order"]
+    assert spa.text.anchor_prompts(tokenizer, [prompt], [[(4, 9)]])[0].anchored_text == ["order"]

@@ -21,7 +21,7 @@ import symtable
 from evalplus.sanitize import sanitize
 
 from eval.errors import ConfigError
-from eval.prompts import BuiltPrompt
+from eval.benchmarks.prompts import BuiltPrompt
 from spa.text import truncate_at_stop
 
 # A markdown fence line: ``` optionally followed by a language tag.
@@ -62,8 +62,16 @@ def to_solution(task: dict, benchmark: str, style: str, generated: str, built: B
         )
     completion = truncate_at_stop(generated, built.stop_strings).replace("\t", "    ")
     raw = built.text + completion if style == "base" else extract_code(completion)
-    sanitized = sanitize(raw, entrypoint=task["entry_point"])
-    reason = sanitizer_damage(raw, sanitized, task["entry_point"])
+    return sanitized_solution(raw, task["entry_point"])
+
+
+def sanitized_solution(raw: str, entry_point: str) -> dict:
+    """``raw`` through EvalPlus's sanitizer, or ``raw`` itself where sanitizing lost code the entry point needs.
+
+    Returns ``solution``, ``raw_solution``, ``sanitized_ok`` and ``fallback_reason`` (see :func:`to_solution`).
+    """
+    sanitized = sanitize(raw, entrypoint=entry_point)
+    reason = sanitizer_damage(raw, sanitized, entry_point)
     return {
         "solution": sanitized if reason is None else raw,
         "raw_solution": raw,

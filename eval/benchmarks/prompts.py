@@ -9,7 +9,7 @@ Two styles, both as EvalPlus 0.3.1 builds them (``evalplus/codegen.py``, ``provi
   the assistant turn is prefilled with the response prefix and an opening ```python fence. Stopped by
   ``EOS`` plus the closing fence ``"\\n```\\n"``.
 
-The anchor spans are the task's typed spans (``eval.spans``) moved to where the task prompt sits in
+The anchor spans are the task's typed spans (``eval.benchmarks.spans``) moved to where the task prompt sits in
 the rendered text; the system prompt and EvalPlus's prefixes are never anchored. Chat templates may
 print the BOS token as text (DeepSeek-Coder does): encode ``text`` with ``add_special_tokens=False``.
 """
@@ -22,7 +22,7 @@ from typing import Literal
 from evalplus.provider.utility import EOS, extra_eos_for_direct_completion, make_raw_chat_prompt
 
 from eval.errors import ConfigError
-from eval.spans import Span, anchor_char_spans, segment, validate_condition
+from eval.benchmarks.spans import Span, anchor_char_spans, segment, validate_condition
 
 PromptStyle = Literal["base", "instruct"]
 PROMPT_STYLES: tuple[str, ...] = ("base", "instruct")

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from eval.data import benchmark_spec
+from eval.benchmarks.data import benchmark_spec
 from eval.errors import ConfigError, DatasetError
 
 SpanKind = Literal["nl", "code", "test"]
