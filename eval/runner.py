@@ -352,11 +352,7 @@ def run_attention_cell(cfg: DictConfig) -> Path | None:
         if todo:
             model, tokenizer = load(cfg)
             protocol, _, inputs = prepare_inputs(cfg, plan, todo, tokenizer)
-            if protocol.masking not in ("token", "attention"):
-                raise ConfigError(
-                    f"The attention measurement needs same-length views (spa.masking=token or attention); "
-                    f"protocol={protocol.name} masks with {protocol.masking!r}. Pass spa.masking=token."
-                )
+            text_level = protocol.masking in ("replace", "delete")
             settings = cfg.attention
             # The gradient measurement is costly: only the first grad_tasks tasks of the selection get it.
             grad_tasks = set(wanted if settings.grad_tasks is None else wanted[: settings.grad_tasks])
@@ -373,7 +369,9 @@ def run_attention_cell(cfg: DictConfig) -> Path | None:
                 grad_every=settings.grad_every,
                 grad_task_ids=grad_tasks,
                 grad_batch_size=int(settings.grad_batch_size),
-                masking=protocol.masking,
+                masking="token" if text_level else protocol.masking,
+                masked_prompts=[inputs[t].masked_input_ids for t in todo] if text_level else None,
+                gradient_target=protocol.settings.attention_gradient,
                 batch_size=int(cfg.generation.batch_size),
                 on_record=lambda record: cell.append_records([record]),
             )

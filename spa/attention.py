@@ -19,11 +19,15 @@ Decoding is :func:`spa.decode` (plain greedy at omega = 1, SPA otherwise). Under
 * self-attention is read from the **original view** (the model reading the real prompt plus the
   SPA-chosen tokens); the masked view's attention is not recorded. At omega = 0 only the masked
   view exists, and it is the one recorded.
-* the gradient is that of the **combined logit** ``omega * f(E)[tok] + (1 - omega) * f(E_mask)[tok]``
+* the gradient (``gradient_target="chosen_logit"``) is that of the **combined logit** ``omega * f(E)[tok] + (1 - omega) * f(E_mask)[tok]``
   with respect to the one embedding matrix ``E`` of prompt + generated tokens that both views share:
   ``E_mask`` is ``E`` with the anchored rows replaced by the mask token's embedding
   (``masking="token"``), or ``E`` itself with anchored positions hidden from attention
   (``masking="attention"``). Anchored rows then get gradient only through the original view.
+
+``gradient_target="top100_logit_sum"`` is the authors' Figure 3 instead: the gradient of the sum of the
+original view's 100 largest logits (the masked view plays no part, so any masking works, a re-tokenized
+masked view included).
 
 Self-attention comes from the decoder's KV-cached forwards: one query row per step, reduced to one
 number per sequence at once. It needs attention weights, which only eager attention returns
@@ -113,11 +117,10 @@ def _not_finite(what: str, dtype: torch.dtype, unpadded: str) -> ConfigError:
 class _SelfAttentionRecorder:
     """The :data:`spa.engine.StepObserver` that keeps the last layer's prompt share of every sequence."""
 
-    def __init__(self, prompt_lengths: Sequence[int], every: int):
-        self.prompt_lengths = list(prompt_lengths)
+    def __init__(self, n_sequences: int, every: int):
         self.every = every
-        self.steps: list[list[int]] = [[] for _ in prompt_lengths]
-        self.shares: list[list[float]] = [[] for _ in prompt_lengths]
+        self.steps: list[list[int]] = [[] for _ in range(n_sequences)]
+        self.shares: list[list[float]] = [[] for _ in range(n_sequences)]
 
     def __call__(self, step: int, outputs: Any, sequence_keys: list[tuple[int, int]], views: tuple[str, ...]) -> None:
         if step % self.every:
@@ -135,8 +138,9 @@ class _SelfAttentionRecorder:
         view = views.index("original") if "original" in views else 0
         rows = attentions[-1][view :: len(views)]
         prompts = [index for index, _ in sequence_keys]
-        n_prompt = torch.tensor([self.prompt_lengths[i] for i in prompts], device=rows.device)
-        prompt_share, _ = last_row_shares(rows, step, n_prompt)
+        # Every column before the generated tokens is the prompt's: padding and the holes of a view of
+        # another length (spa.views) carry zero attention, so they add nothing.
+        prompt_share, _ = last_row_shares(rows, step, rows.shape[-1] - step)
         if not bool(torch.isfinite(prompt_share).all()):
             raise _not_finite("attention", rows.dtype, "batch_size=1")
         for index, share in zip(prompts, prompt_share.tolist()):
@@ -144,13 +148,19 @@ class _SelfAttentionRecorder:
             self.shares[index].append(share)
 
 
-def _check_measurable(masking: str) -> None:
-    """The attention measurements follow the prompt's own tokens, so the masked view must keep its length."""
-    if validate_masking(masking) in TEXT_MASKING:
+GRADIENT_TARGETS: tuple[str, ...] = ("chosen_logit", "top100_logit_sum")
+
+
+def _check_measurable(masking: str, gradient_target: str, text_level_view: bool) -> None:
+    """The combined-logit gradient needs one embedding matrix for both views: the same length."""
+    if gradient_target not in GRADIENT_TARGETS:
+        raise ConfigError(f"Unknown gradient target {gradient_target!r}; use one of {', '.join(GRADIENT_TARGETS)}.")
+    if (validate_masking(masking) in TEXT_MASKING or text_level_view) and gradient_target == "chosen_logit":
         raise ConfigError(
-            f"The attention measurement does not support masking={masking!r}: it rewrites the prompt text, "
-            "so the masked view has other tokens than the prompt whose attention shares are measured. Use "
-            "masking='token' or 'attention' for spa.measure_attention."
+            "The gradient of the combined logit (gradient_target='chosen_logit') needs a masked view of the "
+            f"prompt's own length, but masking={masking!r} gives the masked view other tokens. Use masking='token' "
+            "or 'attention', or gradient_target='top100_logit_sum' (the authors' definition: the original view "
+            "alone), or turn the gradient measurement off (grad_every=None)."
         )
 
 
@@ -169,9 +179,11 @@ def _parameters_frozen(model):
 
 def _gradient_shares_batch(
     model, prompt: list[int], anchor_mask: list[bool], generated: list[int], steps: list[int],
-    *, omega: float, mask_token_id: int, masking: str,
+    *, omega: float, mask_token_id: int, masking: str, gradient_target: str = "chosen_logit",
 ) -> list[float]:
     """Gradient prompt shares of ``steps`` of one sequence, from one left-padded forward and backward."""
+    if gradient_target == "top100_logit_sum":
+        omega = 1.0  # the original view alone
     device = model_device(model)
     n_prompt = len(prompt)
     contexts = [prompt + generated[:t] for t in steps]
@@ -194,9 +206,12 @@ def _gradient_shares_batch(
     logits = model(inputs_embeds=inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    use_cache=False, **last_only).logits[:, -1]
     scores = logits.float() if len(batch.views) == 1 else combine_logits(logits[0::2], logits[1::2], omega)
-    chosen = torch.tensor([generated[t] for t in steps], device=device)
+    if gradient_target == "top100_logit_sum":
+        target = scores.topk(min(100, scores.shape[-1]), dim=-1).values
+    else:
+        target = scores.gather(-1, torch.tensor([generated[t] for t in steps], device=device)[:, None])
     # Rows are independent, so the gradient of the sum holds each row's own gradient.
-    (gradient,) = torch.autograd.grad(scores.gather(-1, chosen[:, None]).sum(), embeds)
+    (gradient,) = torch.autograd.grad(target.sum(), embeds)
     norms = gradient.float().norm(dim=-1)
     if not bool(torch.isfinite(norms).all()):
         raise _not_finite("gradient", gradient.dtype, "grad_batch_size=1")
@@ -215,16 +230,19 @@ def gradient_prompt_shares(
     mask_token_id: int,
     masking: str = "token",
     batch_size: int = 1,
+    gradient_target: str = "chosen_logit",
 ) -> list[float]:
     """Gradient-based prompt share (eq. 21-22) of each step in ``steps`` of one decoded sequence.
 
     Step ``t`` is the gradient of the logit of ``generated[t]`` given prompt + ``generated[:t]``
-    (SPA: the combined logit, see the module docstring), taken with respect to the input embeddings;
+    (SPA: the combined logit, see the module docstring), or with ``gradient_target="top100_logit_sum"``
+    of the sum of the 100 largest logits of the original view (the authors' Figure 3), taken with
+    respect to the input embeddings;
     the share is the sum of the per-token gradient L2 norms over the prompt divided by their sum over
     all tokens. ``batch_size`` steps go through one left-padded forward and backward (memory grows
     with it, times two views under SPA). Parameters receive no gradient.
     """
-    _check_measurable(masking)
+    _check_measurable(masking, gradient_target, False)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(not 0 <= t < len(generated) for t in steps):
@@ -236,17 +254,18 @@ def gradient_prompt_shares(
         for start in range(0, len(steps), batch_size):
             shares += _gradient_shares_batch(
                 model, prompt, anchor_mask, generated, steps[start : start + batch_size],
-                omega=float(omega), mask_token_id=mask_token_id, masking=masking,
+                omega=float(omega), mask_token_id=mask_token_id, masking=masking, gradient_target=gradient_target,
             )
     return shares
 
 
-def _check_gradients(model, prompt: Sequence[int], anchor_mask: Sequence[bool], *, omega: float, mask_token_id: int, masking: str) -> None:
+def _check_gradients(model, prompt: Sequence[int], anchor_mask: Sequence[bool], *, omega: float, mask_token_id: int, masking: str,
+                     gradient_target: str) -> None:
     """A one-step gradient on the first prompt tokens, so an unsupported model fails before decoding."""
     length = min(len(prompt), 4)
     try:
-        gradient_prompt_shares(model, prompt[:length], anchor_mask[:length], [prompt[0]], [0],
-                               omega=omega, mask_token_id=mask_token_id, masking=masking)
+        gradient_prompt_shares(model, prompt[:length], anchor_mask[:length], [prompt[0]], [0], omega=omega,
+                               mask_token_id=mask_token_id, masking=masking, gradient_target=gradient_target)
     except (torch.OutOfMemoryError, GradientsUnavailable):
         raise
     except Exception as error:  # kernels without backward raise anything (bitsandbytes: bare Exception)
@@ -277,6 +296,8 @@ def measure_attention(
     batch_size: int | None = 8,
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    masked_prompts: Sequence[Sequence[int]] | None = None,
+    gradient_target: str = "chosen_logit",
 ) -> list[dict]:
     """Greedy-decode every prompt (SPA at ``omega``) and measure its attention on the prompt per step.
 
@@ -303,8 +324,16 @@ def measure_attention(
         progress: a tqdm bar over tasks.
         on_record: called with each task's record as soon as it is complete (in processing order),
             e.g. to append it to a JSONL file so that a long run can be watched or resumed.
+        masked_prompts: an explicit masked view per prompt (any length, as for :func:`spa.decode`; the
+            authors' replace masking) instead of ``anchor_masks`` + ``mask_token_id``; needs
+            ``gradient_target="top100_logit_sum"`` or no gradient measurement.
+        gradient_target: ``"chosen_logit"`` (the paper's eq. 21 under SPA: the combined logit of the chosen
+            token) or ``"top100_logit_sum"`` (the authors' code: the sum of the original view's 100 largest
+            logits, whatever ω chose).
     """
-    _check_measurable(masking)
+    _check_measurable(masking, gradient_target if grad_every else "top100_logit_sum", masked_prompts is not None)
+    if masked_prompts is not None and len(masked_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(masked_prompts)} masked prompts")
     if not len(prompts) == len(anchor_masks) == len(task_ids):
         raise ValueError(f"{len(prompts)} prompts, {len(anchor_masks)} anchor masks and {len(task_ids)} task ids: need one of each per task")
     if len(set(task_ids)) != len(task_ids):
@@ -318,7 +347,8 @@ def measure_attention(
     graded = set(task_ids) if grad_task_ids is None else set(grad_task_ids)
     if grad_every is not None and graded:
         first = next(i for i, task_id in enumerate(task_ids) if task_id in graded)
-        _check_gradients(model, prompts[first], anchor_masks[first], omega=omega, mask_token_id=mask_token_id, masking=masking)
+        _check_gradients(model, prompts[first], anchor_masks[first], omega=omega, mask_token_id=mask_token_id, masking=masking,
+                         gradient_target=gradient_target)
 
     records: list[dict] = [{} for _ in task_ids]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -326,11 +356,12 @@ def measure_attention(
     bar = tqdm(total=len(order), desc="attention", unit="task", disable=not progress)
     for start in range(0, len(order), chunk):
         members = order[start : start + chunk]
-        recorder = _SelfAttentionRecorder([len(prompts[i]) for i in members], self_every) if self_every else None
+        recorder = _SelfAttentionRecorder(len(members), self_every) if self_every else None
+        views = ({"masked_prompts": [masked_prompts[i] for i in members]} if masked_prompts is not None else
+                 {"anchor_masks": [anchor_masks[i] for i in members], "mask_token_id": mask_token_id, "masking": masking})
         generated = decode(
-            model, [prompts[i] for i in members], [anchor_masks[i] for i in members],
-            omega=omega, mask_token_id=mask_token_id, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            batch_size=len(members), masking=masking, observer=recorder,
+            model, [prompts[i] for i in members], omega=omega, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            batch_size=len(members), observer=recorder, **views,
             forward_kwargs={"output_attentions": True} if recorder else None,
         )
         for position, (task, ids) in enumerate(zip(members, generated)):
@@ -338,6 +369,7 @@ def measure_attention(
             grad_shares = gradient_prompt_shares(
                 model, prompts[task], anchor_masks[task], ids, grad_steps,
                 omega=omega, mask_token_id=mask_token_id, masking=masking, batch_size=grad_batch_size,
+                gradient_target=gradient_target,
             ) if grad_steps else []
             records[task] = {
                 "task_id": task_ids[task],

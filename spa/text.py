@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -164,7 +165,8 @@ def resolve_add_bos(tokenizer, add_bos: bool | None = None) -> bool:
     Explicit ``add_bos`` wins. Otherwise the tokenizer_config.json's ``add_bos_token`` decides, as it
     did under transformers 4.x: DeepSeek-Coder's tokenizer says ``true`` but transformers 5.x loads it as
     a byte-level backend that no longer adds BOS, while the model was trained with it. Failing that,
-    whatever the tokenizer's own encode does.
+    whatever the tokenizer's own encode does, except that a chat template printing BOS means the model
+    expects it (with a warning: a tokenizer re-saved by transformers 5 has lost ``add_bos_token``).
     """
     if add_bos is not None:
         return bool(add_bos)
@@ -174,7 +176,20 @@ def resolve_add_bos(tokenizer, add_bos: bool | None = None) -> bool:
     if configured is not None:
         return bool(configured)
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
+    if bool(probe) and probe[0] == tokenizer.bos_token_id:
+        return True
+    if "bos_token" in (getattr(tokenizer, "chat_template", None) or ""):
+        # A DeepSeek-Coder tokenizer re-saved by transformers 5 (save_pretrained drops add_bos_token) no
+        # longer says that its model expects BOS; its chat template, which prints BOS, still does.
+        warnings.warn(
+            f"Tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no add_bos_token in its tokenizer_config.json "
+            "(transformers 5's save_pretrained drops it) and its encode adds no BOS, but its chat template prints "
+            "the BOS token, so the model expects one: adding BOS. Pass add_bos=True or add_bos=False to decide "
+            "explicitly and silence this warning.",
+            stacklevel=2,
+        )
+        return True
+    return False
 
 
 def tokenize_anchored(tokenizer, text: str, anchor_spans: Sequence[CharSpan], *, add_bos: bool | None = None) -> AnchoredPrompt:

@@ -299,3 +299,48 @@ def test_text_level_masking_is_refused(masking):
         measure_attention(model, prompts, masks, task_ids(2), omega=1.5, mask_token_id=MASK_ID, masking=masking, progress=False)
     with pytest.raises(ConfigError, match=f"masking='{masking}'"):
         gradient_prompt_shares(model, prompts[0], masks[0], [1, 2], [0, 1], omega=1.5, mask_token_id=MASK_ID, masking=masking)
+
+
+def top100_reference(model, prompt: list[int], generated: list[int], steps: list[int]) -> list[float]:
+    """The authors' gradient attention by hand: one unpadded forward of the original view per step, the
+    gradient of the sum of its 100 largest last-position logits w.r.t. the input embeddings."""
+    shares = []
+    for t in steps:
+        embeds = model.get_input_embeddings()(torch.tensor([prompt + generated[:t]])).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits[0, -1]
+        logits.topk(100).values.sum().backward()
+        norms = embeds.grad[0].norm(dim=-1)
+        shares.append(float(norms[: len(prompt)].sum() / norms.sum()))
+    return shares
+
+
+@pytest.mark.parametrize("architecture", ["llama", "codegen"])
+def test_top100_gradient_and_a_shorter_masked_view(architecture):
+    """protocol=authors' attention: SPA decoded with a re-tokenized (shorter) masked view, self-attention
+    from the original view, gradient of the original view's top-100 logit sum."""
+    model = make_tiny_model(architecture, vocab_size=160, dtype=DTYPE)
+    model.set_attn_implementation("eager")
+    prompts, masks = random_prompts([12, 9, 15], seed=7)
+    masked = [[t for t, a in zip(p, m) if not a][:3] + [MASK_ID] + [t for t, a in zip(p, m) if not a][3:] for p, m in zip(prompts, masks)]
+    assert all(len(v) < len(p) for v, p in zip(masked, prompts))
+    records = measure_attention(model, prompts, masks, task_ids(3), omega=1.8, mask_token_id=MASK_ID, max_new_tokens=9,
+                                masked_prompts=masked, gradient_target="top100_logit_sum", grad_every=4, batch_size=3,
+                                progress=False)
+    generated = spa.decode(model, prompts, masked_prompts=masked, omega=1.8, max_new_tokens=9)
+    assert generated != spa.decode(model, prompts, omega=1.0, masked_prompts=masked, max_new_tokens=9), "SPA changes tokens"
+    for record, prompt, ids in zip(records, prompts, generated):
+        assert_valid(record)
+        assert record["n_generated"] == len(ids) == 9
+        assert record["self_prompt_share"] == pytest.approx(full_forward_shares(model, prompt, ids, record["self_steps"]), abs=TOLERANCE)
+        assert record["grad_steps"] == [0, 4, 8]
+        assert record["grad_prompt_share"] == pytest.approx(top100_reference(model, prompt, ids, [0, 4, 8]), abs=1e-5)
+
+
+def test_combined_logit_gradient_needs_same_length_views():
+    model = eager_model("llama")
+    prompts, masks = random_prompts([6, 9])
+    with pytest.raises(ConfigError, match="top100_logit_sum"):
+        measure_attention(model, prompts, masks, task_ids(2), omega=1.5, mask_token_id=MASK_ID,
+                          masked_prompts=[p[:3] for p in prompts], progress=False)
+    with pytest.raises(ConfigError, match="Unknown gradient target"):
+        gradient_prompt_shares(model, prompts[0], masks[0], [1, 2], [0], omega=1.5, mask_token_id=MASK_ID, gradient_target="max")

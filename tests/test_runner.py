@@ -200,3 +200,18 @@ def test_authors_protocol_refuses_conditions_it_never_ran(make_cfg):
     with pytest.raises(ConfigError, match="does not exist in the authors' code"):
         run_cell(make_cfg("protocol=authors", "anchor=nl+code"))
     assert run_cell(make_cfg("protocol=authors", "anchor=nl+code", "skip_invalid=true")) is None
+
+
+def test_authors_protocol_attention_cell(tmp_path, model_cache, data_dir):
+    """Under protocol=authors the attention run decodes with their shorter masked view and their gradient."""
+    from eval.runner import run_attention_cell
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("attention", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}",
+                                              "protocol=authors", "limit=1", "generation.max_new_tokens=5", "spa.omega=1.3",
+                                              "attention.grad_every=4", "attention.grad_tasks=1"])
+    path = run_attention_cell(cfg)
+    assert path == tmp_path / "runs" / "attention" / "tiny" / "humaneval" / "authors" / "omega=1.3"
+    (record,) = read_lines(path / "attention.jsonl")
+    assert record["grad_steps"] == [0, 4] and record["self_prompt_share"][0] == pytest.approx(1.0)
+    assert json.loads((path / "manifest.json").read_text())["protocol_settings"]["attention_gradient"] == "top100_logit_sum"

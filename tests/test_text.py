@@ -220,3 +220,16 @@ def test_a_flat_anchor_list_for_one_prompt_is_refused(tokenizers):
     # The right shapes pass: one list per prompt.
     assert spa.text.anchor_prompts(tokenizer, [prompt], [["order"]])[0].anchored_text == ["order"]
     assert spa.text.anchor_prompts(tokenizer, [prompt], [[(4, 9)]])[0].anchored_text == ["order"]
+
+
+def test_resaved_tokenizer_keeps_its_bos_with_a_warning(tokenizer_dir, tmp_path):
+    """transformers 5's save_pretrained drops add_bos_token: DeepSeek-Coder must not silently lose its BOS."""
+    tokenizer = spa.load_tokenizer(str(tokenizer_dir("deepseek-coder-instruct")))
+    tokenizer.save_pretrained(tmp_path)
+    resaved = spa.load_tokenizer(str(tmp_path))
+    assert spa.resolve_add_bos(tokenizer) is True
+    with pytest.warns(UserWarning, match="save_pretrained drops it"):
+        assert spa.resolve_add_bos(resaved) is True
+    assert spa.resolve_add_bos(resaved, add_bos=False) is False
+    codegen = spa.load_tokenizer(str(tokenizer_dir("codegen-350m-mono")))
+    assert spa.resolve_add_bos(codegen) is False
