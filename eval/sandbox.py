@@ -575,7 +575,16 @@ def _setup_mounts(box: dict) -> dict:
     host_pid = int(os.readlink("/proc/self"))
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # The private /tmp would hide an interpreter, venv or package that lives under /tmp (a checkout in
+    # /tmp/x): hold those directories open, cover /tmp, and bind them back at their paths (read-only below).
+    kept = [os.path.realpath(p) for p in box["keep_paths"]]
+    kept = [p for p in dict.fromkeys(kept) if p.startswith("/tmp/") and os.path.isdir(p)]
+    held = [os.open(p, os.O_PATH) for p in kept]
     mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={box['tmpfs_size_mb']}m,mode=1777")
+    for path, fd in zip(kept, held):
+        os.makedirs(path, 0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        os.close(fd)
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={box['tmpfs_size_mb']}m,mode=1777")
     if os.path.isdir("/run"):  # hides the host's unix sockets (read-only files can still be connected to)
@@ -924,6 +933,8 @@ class _ChildRun:
                 "file_size_limit": self.cfg.file_size_limit_mb << 20,
                 "max_processes": self.cfg.max_processes,
                 "sys_path": list(protections.sys_path),
+                # What the child reads after /tmp is covered: its import path and the oracle's file.
+                "keep_paths": [*protections.sys_path, *([os.path.dirname(self.suite.oracle_file)] if self.suite.oracle_file else [])],
                 "read_all": protections.read_all,
                 "block_sockets": protections.namespaces is None,
                 "guard": protections.namespaces is None and not protections.uid_drop,

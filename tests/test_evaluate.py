@@ -248,3 +248,31 @@ def test_cli_user_errors_exit_2_with_one_paragraph_and_write_nothing(args, messa
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]
+
+
+def test_evaluator_runs_from_a_checkout_under_tmp(tmp_path, data_dir):
+    """The sandbox covers /tmp with a private tmpfs; an interpreter or venv living under /tmp stays visible."""
+    import shutil
+
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip("pytest's tmp_path is not under /tmp here")
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "eval", copy / "eval", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "spa", copy / "spa", ignore=shutil.ignore_patterns("__pycache__"))
+    # The evalplus package (its special oracle module) copied under /tmp too, found first on the path.
+    import evalplus
+
+    shutil.copytree(Path(evalplus.__file__).parent, copy / "site" / "evalplus", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import json, sys; from eval.evaluate import evaluate_samples; from eval.benchmarks.data import load_tasks\n"
+        "t = load_tasks('humaneval')['HumanEval/32']\n"
+        "r = evaluate_samples('humaneval', [{'task_id': 'HumanEval/32', 'solution': t['prompt'] + t['canonical_solution']}],"
+        f" cache_dir={str(tmp_path / 'gt')!r}, progress=False, n_workers=1)\n"
+        "import evalplus; print(json.dumps({'plus': r['status_counts']['plus'], 'evalplus': evalplus.__file__}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{copy / 'site'}:{copy}", "SPA_DATA_DIR": str(data_dir)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["evalplus"].startswith(str(copy)), "the copy under /tmp is the one in use"
+    assert report["plus"]["pass"] == 1
