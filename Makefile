@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 PROTOCOL ?= authors
 SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) $(ARGS)
 
-.PHONY: help install test bench demo reproduce tables figures clean
+.PHONY: help install test bench demo reproduce baselines tables figures clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,7 @@ bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
 	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
 	$(PY) scripts/run.py -m +experiment=demo_authors $(ARGS)
+	$(PY) scripts/run.py -m +experiment=demo_baselines $(ARGS)
 	$(PY) scripts/attention.py -m +experiment=demo_attention $(ARGS)
 	$(PY) scripts/aggregate.py
 
@@ -57,6 +58,12 @@ reproduce: install  ## the paper's full grid (GPUs + internet; PROTOCOL=authors|
 	$(SWEEP) +experiment=omega_sweep
 	$(SWEEP) +experiment=anchor_ablation
 	$(PY) scripts/attention.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) +experiment=attention $(ARGS)
+	$(MAKE) tables figures
+
+baselines: install  ## SPA beside CFG and CAD: each method's strength grid on the paper's models (GPUs + internet)
+	$(SWEEP) +experiment=baselines_spa
+	$(SWEEP) +experiment=baselines_cfg
+	$(SWEEP) +experiment=baselines_cad
 	$(MAKE) tables figures
 
 tables: install  ## rebuild the paper's tables from results/runs -> results/tables/

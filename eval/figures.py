@@ -1,5 +1,5 @@
-"""Matplotlib figures of the aggregator: Figure 4 (Pass@1 vs omega) and the attention-dilution
-Figures 2 and 3 (plus omega = 1 versus SPA).
+"""Matplotlib figures of the aggregator: Figure 4 (Pass@1 vs omega), the attention-dilution
+Figures 2 and 3 (plus omega = 1 versus SPA) and Pass@1 against each method's strength (SPA, CFG, CAD).
 
 Functions take tidy frames built by ``eval.report`` (one protocol's data per figure; the caller names
 the files ``<stem>-<protocol>``) and return a ``Figure``; ``render`` turns it
@@ -19,7 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["Figure", "attention_figure", "omega_sweep_figure", "render", "spa_vs_plain_figure", "step_axis_end"]
+__all__ = ["Figure", "attention_figure", "method_strength_figure", "omega_sweep_figure", "render", "spa_vs_plain_figure",
+           "step_axis_end"]
 
 KIND_TITLES = {"self": "Self-attention (last layer)", "gradient": "Gradient-based attention"}
 
@@ -60,6 +61,36 @@ def omega_sweep_figure(
     if title:
         figure.suptitle(title)
     _legend_below(figure, axes)
+    return figure
+
+
+def method_strength_figure(
+    data: pd.DataFrame, models: Sequence[str], panels: Sequence[str], colors: Mapping[str, str], title: str | None = None
+) -> Figure:
+    """One panel per model (rows) and benchmark column: Pass@1 (%) against the weight on the full prompt, one
+    line per method variant, so that every method's plain model sits at 1 (marked).
+
+    ``data``: columns model (display name), benchmark, method (variant label), weight, pass_at_1.
+    """
+    figure = _new_figure(3.2 * len(panels), 2.6 * len(models) + 0.8)
+    axes = figure.subplots(len(models), len(panels), squeeze=False, sharex=True)
+    for row, model in enumerate(models):
+        for ax, panel in zip(axes[row], panels):
+            mine = data[(data["model"] == model) & (data["benchmark"] == panel)]
+            for method, line in mine.groupby("method", sort=False):
+                line = line.sort_values("weight")
+                ax.plot(line["weight"], line["pass_at_1"], marker="o", markersize=3, color=colors.get(method), label=method)
+            ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+            if mine.empty:
+                ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
+            ax.set_title(f"{model}: {panel}", fontsize="medium")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("Pass@1 (%)")
+    for ax in axes[-1]:
+        ax.set_xlabel("weight on the prompt: ω, γ, 1 + α")
+    if title:
+        figure.suptitle(title)
+    _legend_below(figure, list(axes.flat))
     return figure
 
 

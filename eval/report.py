@@ -7,7 +7,8 @@ number: every row names its protocol, and pairing, baselines and omega sweeps st
 Beyond the paper it reports, for every SPA-minus-baseline gain, a paired-bootstrap 95% CI over
 tasks and an exact McNemar p-value, and an omega chosen honestly by k-fold cross-validation over
 tasks next to the test-set-optimal omega the paper reports. As in the paper, one omega is chosen
-per dataset pair (HumanEval with HumanEval+, MBPP with MBPP+).
+per dataset pair (HumanEval with HumanEval+, MBPP with MBPP+). Cells of the other methods (CFG, CAD:
+``eval.methods``) feed the method comparison, each method's strength chosen by the same cross-validation.
 
 Everything is computed in memory first (``aggregate``); ``write_outputs`` then replaces each file
 atomically, so bad input (a ``HarnessError``) leaves earlier outputs untouched.
@@ -28,6 +29,8 @@ from scipy.stats import binomtest
 
 from eval import figures
 from eval.errors import ConfigError, HarnessError
+from eval.methods import METHODS, SPA
+from eval.store import cell_levels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_DIR = REPO_ROOT / "results" / "paper"
@@ -72,6 +75,14 @@ NOT_APPLICABLE: frozenset[tuple[str, str]] = frozenset({("nl+code", "mbpp"), ("n
 SPA_ANCHOR = "nl"  # the paper's default anchored text
 BASELINE_ANCHOR = "none"  # omega = 1 is the plain model; the runner stores it once, under anchor "none"
 BASELINE_OMEGA = 1.0
+# The rows of the method comparison, in order: (method, anchor of its cells, what its second view is). CFG's
+# last-token negative ignores the anchors, so its cells have anchor "none" (eval/methods.py).
+METHOD_VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("spa", SPA_ANCHOR, "NL masked"),
+    ("cfg", BASELINE_ANCHOR, "last prompt token"),
+    ("cfg", SPA_ANCHOR, "NL masked"),
+    ("cad", SPA_ANCHOR, "NL deleted"),
+)
 ATTENTION_EXPERIMENT = "attention"
 ATTENTION_KINDS: dict[str, tuple[str, str]] = {  # kind -> (steps field, share field) in attention.jsonl
     "self": ("self_steps", "self_prompt_share"),
@@ -136,10 +147,12 @@ class Cell:
     benchmark: str
     protocol: str
     anchor: str
-    omega: float
+    omega: float  # the weight on the full prompt: SPA's omega, CFG's guidance_scale, 1 + CAD's alpha; 1 = plain model
     path: Path
     fingerprint: str  # protocol, model, generation settings, dataset hash: equal ones may share a baseline
     scores: pd.DataFrame  # index task_id; the benchmark's two table columns; per-task pass rate in [0, 1]
+    method: str = "spa"  # eval.methods: spa, cfg, cad
+    strength: float = math.nan  # the method's own strength (its directory leaf): omega, guidance_scale or alpha
 
 
 @dataclass
@@ -148,11 +161,11 @@ class Runs:
     attention: pd.DataFrame  # protocol, model, benchmark, omega, kind, task_id, step, share
     skipped: list[str] = field(default_factory=list)  # "path: reason" for cells that do not count
 
-    def find(self, model: str, benchmark: str, protocol: str | None, anchor: str, omega: float) -> list[Cell]:
+    def find(self, model: str, benchmark: str, protocol: str | None, anchor: str, omega: float, method: str = "spa") -> list[Cell]:
         return [
             c
             for c in self.cells
-            if (c.model, c.benchmark, c.protocol, c.anchor) == (model, benchmark, protocol, anchor)
+            if (c.model, c.benchmark, c.protocol, c.anchor, c.method) == (model, benchmark, protocol, anchor, method)
             and math.isclose(c.omega, omega)
         ]
 
@@ -189,7 +202,8 @@ def _omega_key(omega: float) -> float:
 
 
 def _cell_keys(manifest: Mapping, path: Path) -> dict[str, object]:
-    """The cell's keys from its manifest (``protocol`` is None for a manifest written before protocols)."""
+    """The cell's keys from its manifest (``protocol`` is None for a manifest written before protocols; a
+    manifest without ``method``, written before other methods existed, is SPA's)."""
     model = _field(manifest, "model", dict, path)
     keys = {
         "experiment": _field(manifest, "experiment", str, path),
@@ -198,21 +212,31 @@ def _cell_keys(manifest: Mapping, path: Path) -> dict[str, object]:
         "protocol": None if "protocol" not in manifest else _field(manifest, "protocol", str, path),
         "omega": _omega_key(_field(manifest, "omega", (int, float), path)),
         "status": _field(manifest, "status", str, path),
+        "method": SPA.name,
     }
+    keys["strength"] = keys["omega"]
+    if "method" in manifest:
+        method = _field(manifest, "method", dict, path)
+        name = _field(method, "name", str, path)
+        if name not in METHODS:
+            raise _corrupt(path, f"names method {name!r}, which this harness does not know ({', '.join(METHODS)})")
+        keys["method"] = name
+        keys["strength"] = _omega_key(_field(method, METHODS[name].parameter, (int, float), path))
     if keys["experiment"] != ATTENTION_EXPERIMENT:  # attention runs have no anchor level
         keys["anchor"] = _field(manifest, "anchor", str, path)
     return keys
 
 
-def _keys_from_path(relative: tuple[str, ...], names: Sequence[str]) -> dict[str, object] | None:
-    """Directory names as cell keys, or None when the directory is not a cell of the layout."""
-    if len(relative) != len(names) + 1 or not relative[-1].startswith("omega="):
+def _keys_from_path(relative: tuple[str, ...], names: Sequence[str], parameter: str = "omega") -> dict[str, object] | None:
+    """Directory names as cell keys (the leaf ``<parameter>=<value>`` as ``strength``), or None when the
+    directory is not a cell of the layout."""
+    if len(relative) != len(names) + 1 or not relative[-1].startswith(f"{parameter}="):
         return None
     try:
-        omega = _omega_key(float(relative[-1].removeprefix("omega=")))
+        strength = _omega_key(float(relative[-1].removeprefix(f"{parameter}=")))
     except ValueError:
         return None
-    return dict(zip(names, relative[:-1])) | {"omega": omega}
+    return dict(zip(names, relative[:-1])) | {"strength": strength}
 
 
 def _scores(results: object, benchmark: str, path: Path) -> pd.DataFrame:
@@ -318,8 +342,8 @@ def load_runs(runs_dir: Path) -> Runs:
             )
             continue
         is_attention = keys["experiment"] == ATTENTION_EXPERIMENT
-        layout = ("experiment", "model", "benchmark", "protocol") + (() if is_attention else ("anchor",))
-        path_keys = _keys_from_path(cell_dir.relative_to(runs_dir).parts, layout)
+        layout = cell_levels(str(keys["method"]), attention=is_attention)
+        path_keys = _keys_from_path(cell_dir.relative_to(runs_dir).parts, layout, METHODS[str(keys["method"])].parameter)
         if path_keys is None:
             skipped.append(f"{cell_dir}: not a cell directory of the results layout")
             continue
@@ -352,6 +376,8 @@ def load_runs(runs_dir: Path) -> Runs:
                 path=cell_dir,
                 fingerprint=_fingerprint(manifest, results),
                 scores=scores,
+                method=str(keys["method"]),
+                strength=float(keys["strength"]),
             )
         )
     frame = pd.concat(attention, ignore_index=True) if attention else pd.DataFrame(columns=ATTENTION_COLUMNS)
@@ -543,7 +569,8 @@ def _aligned(columns: Mapping[object, pd.Series]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Sweep:
-    """The omega grid of one model, benchmark and protocol (anchor NL), taken from one experiment."""
+    """The strength grid of one model, benchmark, protocol and method variant (SPA: anchor NL), taken from one
+    experiment, keyed by the weight on the full prompt (``Cell.omega``), so that every method's plain model is 1."""
 
     experiment: str
     cells: dict[float, Cell]  # omega -> cell; 1.0 is the baseline
@@ -556,15 +583,19 @@ class Sweep:
         return _aligned({omega: cell.scores.mean(axis=1) for omega, cell in sorted(self.cells.items())})
 
 
-def find_sweeps(runs: Runs, settings: Settings) -> dict[tuple[str, str, str], Sweep]:
-    """Per (model, benchmark, protocol): the experiment with the most omegas for anchor NL (ties:
-    preferred experiment, then name), plus its baseline (same protocol). Grids are never merged
-    across experiments or protocols."""
-    grids: dict[tuple[str, str, str], list[Sweep]] = {}
+SweepKey = tuple[str, str, str, str, str]  # model, benchmark, protocol, method, anchor
+
+
+def find_sweeps(runs: Runs, settings: Settings) -> dict[SweepKey, Sweep]:
+    """Per (model, benchmark, protocol, method, anchor) of ``METHOD_VARIANTS`` (SPA: anchor NL): the experiment
+    with the most strengths (ties: preferred experiment, then name), plus its baseline (same protocol). Grids
+    are never merged across experiments, protocols or methods."""
+    variants = {(method, anchor) for method, anchor, _ in METHOD_VARIANTS}
+    grids: dict[SweepKey, list[Sweep]] = {}
     for cell in runs.cells:
-        if cell.anchor != SPA_ANCHOR or math.isclose(cell.omega, BASELINE_OMEGA):
+        if (cell.method, cell.anchor) not in variants or math.isclose(cell.omega, BASELINE_OMEGA):
             continue
-        group = grids.setdefault((cell.model, cell.benchmark, cell.protocol), [])
+        group = grids.setdefault((cell.model, cell.benchmark, cell.protocol, cell.method, cell.anchor), [])
         sweep = next((s for s in group if s.experiment == cell.experiment), None)
         if sweep is None:
             sweep = Sweep(cell.experiment, {})
@@ -606,7 +637,7 @@ class Context:
     runs: Runs
     paper: PaperTables
     settings: Settings
-    sweeps: dict[tuple[str, str, str], Sweep]
+    sweeps: dict[SweepKey, Sweep]
 
     @property
     def models(self) -> list[str]:
@@ -625,6 +656,10 @@ class Context:
 
     def stats(self, differences: np.ndarray) -> GainStats:
         return paired_gain(differences, self.settings.bootstrap_resamples, self.settings.seed)
+
+    def sweep(self, model: str, benchmark: str, protocol: str | None, method: str = "spa", anchor: str = SPA_ANCHOR) -> Sweep | None:
+        """The strength grid of a method variant (default: SPA, anchor NL)."""
+        return self.sweeps.get((model, benchmark, protocol, method, anchor))
 
 
 def paper_pair_omega(ctx: Context, model: str, benchmark: str) -> float:
@@ -651,12 +686,13 @@ def spa_omega(ctx: Context, model: str, benchmark: str, protocol: str | None) ->
     ran = {
         c.omega: float(c.scores.mean(axis=1).mean())
         for c in ctx.runs.cells
-        if (c.experiment, c.model, c.benchmark, c.protocol, c.anchor) == (experiment, model, benchmark, protocol, SPA_ANCHOR)
+        if (c.experiment, c.model, c.benchmark, c.protocol, c.anchor, c.method)
+        == (experiment, model, benchmark, protocol, SPA_ANCHOR, SPA.name)
         and not math.isclose(c.omega, BASELINE_OMEGA)
     }
     if len(ran) == 1:
         return next(iter(ran)), f"{experiment} run"
-    sweep = ctx.sweeps.get((model, benchmark, protocol))
+    sweep = ctx.sweep(model, benchmark, protocol)
     if not ran and sweep is not None:
         ran = sweep.pair_scores().drop(columns=BASELINE_OMEGA, errors="ignore").mean().to_dict()
     if ran:
@@ -688,10 +724,12 @@ def _fold_text(omegas: Iterable[float]) -> str:
     return " ".join(f"{w:g}" for w in omegas)
 
 
-def _pair_cv(ctx: Context, model: str, benchmark: str, protocol: str | None) -> tuple[Sweep | None, OmegaSelection | None]:
-    """The sweep of a dataset pair and its cross-validated omega, chosen on the pair score (mean of
-    base and plus pass per task); None without a sweep of >= 2 omegas."""
-    sweep = ctx.sweeps.get((model, benchmark, protocol))
+def _pair_cv(
+    ctx: Context, model: str, benchmark: str, protocol: str | None, method: str = "spa", anchor: str = SPA_ANCHOR
+) -> tuple[Sweep | None, OmegaSelection | None]:
+    """The sweep of a dataset pair (default: SPA's, anchor NL) and its cross-validated omega, chosen on the
+    pair score (mean of base and plus pass per task); None without a sweep of >= 2 omegas."""
+    sweep = ctx.sweep(model, benchmark, protocol, method, anchor)
     if sweep is None:
         return None, None
     pair = sweep.pair_scores()
@@ -858,7 +896,7 @@ def build_figure4_data(ctx: Context) -> pd.DataFrame:
     for model in ctx.models:
         for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
             for protocol in ctx.model_protocols(model):
-                sweep = ctx.sweeps.get((model, benchmark, protocol))
+                sweep = ctx.sweep(model, benchmark, protocol)
                 if sweep is None:
                     continue
                 scores = sweep.scores(column)
@@ -884,6 +922,116 @@ def build_figure4_data(ctx: Context) -> pd.DataFrame:
                     )
     columns = ["model", "model_key", "benchmark", "protocol", "omega", "experiment", "n_tasks", "pass_at_1",
                "paper_pass_at_1"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def variant_label(method: str, second_view: str) -> str:
+    """A method variant's name in figures: ``"CFG (last prompt token)"``."""
+    return f"{METHODS[method].label} ({second_view})"
+
+
+def methods_run(runs: Runs) -> list[tuple[str, str, str]]:
+    """The ``METHOD_VARIANTS`` with any cell, in that order."""
+    present = {(c.method, c.anchor) for c in runs.cells}
+    return [variant for variant in METHOD_VARIANTS if variant[:2] in present]
+
+
+def _held_out(sweep: Sweep | None, selection: OmegaSelection | None, column: str) -> pd.Series | None:
+    """Per task: its pass rate in ``column`` at the strength chosen without its fold (None without a selection)."""
+    return None if sweep is None or selection is None else selection.held_out_of(sweep.scores(column))
+
+
+def _strengths(method: str, omegas: Iterable[float]) -> list[float]:
+    """Weights on the full prompt as the method's own strengths (CAD: alpha = weight - 1)."""
+    return [_omega_key(METHODS[method].strength(omega)) for omega in omegas]
+
+
+def build_methods_table(ctx: Context) -> pd.DataFrame:
+    """Per model, benchmark column and protocol with any method run: every method variant at its
+    cross-validated strength (one per dataset pair, chosen exactly as omega is for Tables 1 and 3, ties going
+    to the weight closest to the plain model's), its held-out Pass@1, and paired gains (bootstrap CI over tasks,
+    sign-test p) against the plain model and against SPA's own cross-validated result."""
+    variants = methods_run(ctx.runs)
+    rows = []
+    for model in model_order(c.model for c in ctx.runs.cells):
+        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
+            for protocol in ctx.model_protocols(model):
+                if not any(ctx.sweep(model, benchmark, protocol, m, a) for m, a, _ in variants):
+                    continue
+                spa_held = _held_out(*_pair_cv(ctx, model, benchmark, protocol), column)
+                for method, anchor, second_view in variants:
+                    sweep, selection = _pair_cv(ctx, model, benchmark, protocol, method, anchor)
+                    scores = sweep.scores(column) if sweep else pd.DataFrame()
+                    held = _held_out(sweep, selection, column)
+                    plain = scores[BASELINE_OMEGA] if BASELINE_OMEGA in scores.columns else None
+                    vs_plain = vs_spa = GainStats.missing()
+                    if held is not None and plain is not None:
+                        vs_plain = ctx.stats((held - plain).to_numpy())
+                    if held is not None and spa_held is not None and method != SPA.name:
+                        both_held = _aligned({"method": held, "spa": spa_held})
+                        vs_spa = ctx.stats((both_held["method"] - both_held["spa"]).to_numpy())
+                    pair = sweep.pair_scores() if sweep else pd.DataFrame()
+                    best = select_omega(pair.mean()) if not pair.empty else math.nan
+                    rows.append(
+                        {
+                            "model": display_name(model),
+                            "model_key": model,
+                            "benchmark": column,
+                            "protocol": protocol,
+                            "method": METHODS[method].label,
+                            "method_key": method,
+                            "anchor": anchor,
+                            "second_view": second_view,
+                            "parameter": METHODS[method].parameter,
+                            "sweep_experiment": sweep.experiment if sweep else None,
+                            "strengths": _fold_text(_strengths(method, scores.columns)),
+                            "n_tasks": len(scores) or math.nan,
+                            "plain": 100 * float(plain.mean()) if plain is not None else math.nan,
+                            "cv_folds": selection.n_folds if selection else math.nan,
+                            "cv_strength": _strengths(method, [selection.mean_omega])[0] if selection else math.nan,
+                            "cv_fold_strengths": _fold_text(_strengths(method, selection.fold_omegas)) if selection else "",
+                            "pass_at_1": 100 * float(held.mean()) if held is not None else math.nan,
+                            **_gain_row("", vs_plain),
+                            **_gain_row("vs_spa_", vs_spa),
+                            "test_optimal_strength": _strengths(method, [best])[0],
+                            "test_optimal_pass_at_1": 100 * float(scores[best].mean()) if best in scores.columns else math.nan,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def build_methods_strength_data(ctx: Context) -> pd.DataFrame:
+    """Pass@1 per model, benchmark column, protocol, method variant and strength of each sweep, with the weight
+    on the full prompt (omega, guidance_scale, 1 + alpha) that puts every method on one axis."""
+    rows = []
+    for model in model_order(c.model for c in ctx.runs.cells):
+        for column, (benchmark, _) in BENCHMARK_COLUMNS.items():
+            for protocol in ctx.model_protocols(model):
+                for method, anchor, second_view in METHOD_VARIANTS:
+                    sweep = ctx.sweep(model, benchmark, protocol, method, anchor)
+                    if sweep is None:
+                        continue
+                    scores = sweep.scores(column)
+                    for omega, strength in zip(scores.columns, _strengths(method, scores.columns)):
+                        rows.append(
+                            {
+                                "model": display_name(model),
+                                "model_key": model,
+                                "benchmark": column,
+                                "protocol": protocol,
+                                "method": variant_label(method, second_view),
+                                "method_key": method,
+                                "anchor": anchor,
+                                "parameter": METHODS[method].parameter,
+                                "strength": strength,
+                                "weight": omega,
+                                "experiment": sweep.experiment,
+                                "n_tasks": len(scores),
+                                "pass_at_1": 100 * scores[omega].mean(),
+                            }
+                        )
+    columns = ["model", "model_key", "benchmark", "protocol", "method", "method_key", "anchor", "parameter", "strength",
+               "weight", "experiment", "n_tasks", "pass_at_1"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -1086,6 +1234,45 @@ FIGURE4 = TableSpec(
         number("Paper Pass@1", "paper_pass_at_1", ".1f"),
     ),
 )
+METHODS_TABLE = TableSpec(
+    "methods",
+    "Methods: Pass@1 (%) of SPA, CFG and CAD, each at its cross-validated strength (one per dataset pair, k-fold "
+    "over tasks as omega in Tables 1 and 3); gains in points with paired 95% CIs against the plain model and against SPA",
+    (
+        text("Model", "model"),
+        text("Benchmark", "benchmark"),
+        text("Protocol", "protocol"),
+        text("Method", "method"),
+        text("Second view", "second_view"),
+        text("Strength", "parameter"),
+        text("Strengths run", "strengths"),
+        number("Tasks", "n_tasks", ".0f"),
+        number("Plain", "plain", ".1f"),
+        number("CV strength", "cv_strength", ".3g"),
+        number("CV Pass@1", "pass_at_1", ".1f"),
+        gain_with_ci("vs plain [95% CI]"),
+        number("p", "p_value", ".3g"),
+        gain_with_ci("vs SPA [95% CI]", "vs_spa_"),
+        number("p vs SPA", "vs_spa_p_value", ".3g"),
+        number("Test-optimal strength", "test_optimal_strength", "g"),
+    ),
+)
+METHODS_STRENGTH = TableSpec(
+    "methods_strength",
+    "Methods figure data: Pass@1 (%) per strength; weight = the weight on the full prompt (SPA omega, CFG "
+    "guidance_scale, CAD 1 + alpha; 1 = the plain model)",
+    (
+        text("Model", "model"),
+        text("Benchmark", "benchmark"),
+        text("Protocol", "protocol"),
+        text("Method", "method"),
+        text("Strength", "parameter"),
+        number("Value", "strength", "g"),
+        number("Weight", "weight", "g"),
+        number("Tasks", "n_tasks", ".0f"),
+        number("Pass@1", "pass_at_1", ".1f"),
+    ),
+)
 ATTENTION_TABLE = TableSpec(
     "attention_curves",
     f"Figures 2-3 data: % of attention on the prompt per generated token (mean over the sequences still "
@@ -1236,8 +1423,35 @@ def aggregate(
             figure = figures.omega_sweep_figure(data, list(BENCHMARK_COLUMNS), colors, f"Pass@1 against ω (protocol {protocol})")
             _figure_files(protocol_figure_name("figure4_omega", protocol), figure, figures_dir, outputs, "")
         _attention_figures(ctx, curves, figures_dir, outputs)
+    _method_outputs(ctx, what, tables_dir, figures_dir, outputs)
     outputs.files[Path(out_dir) / "provenance.json"] = _provenance(runs, runs_dir, settings)
     return outputs
+
+
+METHODS_FIGURE = "methods_strength"
+
+
+def _method_outputs(ctx: Context, what: str, tables_dir: Path, figures_dir: Path, outputs: Outputs) -> None:
+    """The method comparison (table ``methods``) and Pass@1 against strength (``methods_strength``: its data
+    and one figure per protocol), when any method besides SPA has cells."""
+    if not any(method != SPA.name for method, _, _ in methods_run(ctx.runs)):
+        outputs.notes.append("methods and methods_strength skipped: no cells of method=cfg or method=cad")
+        return
+    data = build_methods_strength_data(ctx)
+    if what in ("all", "tables"):
+        for frame, spec in ((build_methods_table(ctx), METHODS_TABLE), (data, METHODS_STRENGTH)):
+            files, printed = table_files(frame, spec, tables_dir)
+            outputs.files.update(files)
+            if spec is METHODS_TABLE:
+                outputs.printed.append(printed)
+    if what in ("all", "figures"):
+        colors = {variant_label(m, view): f"C{i % 10}" for i, (m, _, view) in enumerate(METHOD_VARIANTS)}
+        for protocol in protocol_order(data["protocol"]):
+            mine = data[data["protocol"] == protocol]
+            models = [display_name(m) for m in model_order(mine["model_key"])]
+            figure = figures.method_strength_figure(mine, models, list(BENCHMARK_COLUMNS), colors,
+                                                    f"Pass@1 against each method's strength (protocol {protocol})")
+            _figure_files(protocol_figure_name(METHODS_FIGURE, protocol), figure, figures_dir, outputs, "")
 
 
 def _provenance(runs: Runs, runs_dir: Path, settings: Settings) -> bytes:
@@ -1246,7 +1460,8 @@ def _provenance(runs: Runs, runs_dir: Path, settings: Settings) -> bytes:
 
     cells = [
         {"path": str(c.path.relative_to(runs_dir)), "experiment": c.experiment, "model": c.model, "benchmark": c.benchmark,
-         "protocol": c.protocol, "anchor": c.anchor, "omega": c.omega, "fingerprint": c.fingerprint}
+         "protocol": c.protocol, "method": c.method, "anchor": c.anchor, "omega": c.omega, "strength": c.strength,
+         "fingerprint": c.fingerprint}
         for c in sorted(runs.cells, key=lambda c: str(c.path))
     ]
     record = {"runs_dir": str(runs_dir), "settings": asdict(settings), "git": git_commit(), "packages": package_versions(),

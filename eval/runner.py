@@ -1,11 +1,12 @@
-"""One cell of an experiment: config -> prompts with anchors -> SPA decoding -> samples -> verdicts.
+"""One cell of an experiment: config -> prompts with anchors -> two-view decoding -> samples -> verdicts.
 
 ``run_cell(cfg)`` is what ``scripts/run.py`` calls for every point of a sweep. The protocol
-(``eval.benchmarks.protocols``) turns each task into both views' ids, stops and programs. It is resumable: tasks
+(``eval.benchmarks.protocols``) turns each task into both views' ids, stops and programs; the method
+(``eval.methods``: SPA, CFG or CAD) chooses the second view and the weight on the full prompt. It is resumable: tasks
 already in the cell's samples.jsonl are skipped, samples are appended (and fsynced) after every batch,
 so a killed run loses at most the batch in flight, and a finished cell is not recomputed unless
-``force=true``. omega = 1 is the plain model whatever is anchored, so it is stored once per model and
-benchmark under ``anchor=none`` and reused by every anchor condition.
+``force=true``. omega = 1 (CFG's guidance_scale = 1, CAD's alpha = 0) is the plain model whatever is anchored,
+so it is stored once per model and benchmark under ``anchor=none`` and reused by every anchor condition and method.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import spa
 from eval.benchmarks.data import authors_file, dataset_sha256
 from eval.benchmarks.protocols import ModelInputs, Protocol, ProtocolSettings, make_protocol
 from eval.errors import ConfigError
+from eval.methods import Method, plain, resolve_method
 from eval.store import Cell, cell_dir, fingerprint, git_commit, machine, package_versions, python_command
 
 
@@ -33,9 +35,11 @@ class CellPlan:
     benchmark: str
     protocol: str
     anchor: str  # "none" for omega = 1
-    omega: float
+    omega: float  # the engine's weight on the full prompt (SPA's omega, CFG's guidance_scale, 1 + CAD's alpha)
     path: Path
     settings: dict  # everything that changes the samples; its hash guards the cell directory
+    method: Method = plain()
+    masking: str | None = None  # the protocol's masking for the second view (None: the protocol's own)
 
 
 def resolve_omega(value, model_cfg: DictConfig, benchmark: str) -> float:
@@ -67,21 +71,14 @@ def protocol_settings(cfg: DictConfig) -> ProtocolSettings:
     return ProtocolSettings.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
 
 
-def build_protocol(cfg: DictConfig, tokenizer) -> Protocol:
-    """The protocol of ``cfg`` for a loaded tokenizer (it renders, tokenizes, stops and post-processes)."""
+def build_protocol(cfg: DictConfig, tokenizer, masking: str | None = None) -> Protocol:
+    """The protocol of ``cfg`` for a loaded tokenizer (it renders, tokenizes, stops and post-processes); its
+    masked view uses ``masking``, else ``spa.masking``, else the protocol's own."""
     return make_protocol(
         protocol_settings(cfg), OmegaConf.to_container(cfg.model, resolve=True), tokenizer,
-        masking=cfg.spa.masking, max_new_tokens=int(cfg.generation.max_new_tokens), data_dir=data_dir(cfg),
+        masking=masking or cfg.spa.masking, max_new_tokens=int(cfg.generation.max_new_tokens), data_dir=data_dir(cfg),
         authors_data_dir=Path(to_absolute_path(cfg.paths.authors_data_dir)),
     )
-
-
-def _validate_condition(cfg: DictConfig, settings: ProtocolSettings, benchmark: str) -> None:
-    """The anchor condition must exist under the protocol (checked before any model is loaded)."""
-    from eval.benchmarks import authors
-    from eval.benchmarks.spans import validate_condition
-
-    (authors.validate_condition if settings.name == "authors" else validate_condition)(benchmark, cfg.anchor.condition)
 
 
 def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
@@ -93,15 +90,26 @@ def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
     benchmark = cfg.benchmark.name
     settings_of_protocol = protocol_settings(cfg)
     try:
-        _validate_condition(cfg, settings_of_protocol, benchmark)
+        # Before any model is loaded: the condition must exist under the protocol.
+        build_protocol(cfg, tokenizer=None).validate_condition(benchmark, cfg.anchor.condition)
     except ConfigError:
         if cfg.get("skip_invalid"):
             print(f"skip: anchor {cfg.anchor.condition!r} does not apply to {benchmark} under protocol="
                   f"{settings_of_protocol.name} (skip_invalid=true)")
             return None
         raise
-    omega = resolve_omega(cfg.spa.omega, cfg.model, benchmark)
-    anchor = "none" if omega == 1.0 else cfg.anchor.condition
+    method = resolve_method(OmegaConf.to_container(cfg.method, resolve=True), OmegaConf.to_container(cfg.spa, resolve=True),
+                            lambda: resolve_omega(cfg.spa.omega, cfg.model, benchmark))
+    if attention and method.name != "spa":
+        raise ConfigError(
+            f"scripts/attention.py measures attention under SPA only, but got method={method.describe()}. Leave "
+            "method at spa (the default) and choose the strength with spa.omega."
+        )
+    if method.is_plain:
+        method = plain()  # the plain model's cell, shared by every method
+    omega = method.omega
+    anchor = method.cell_anchor(cfg.anchor.condition)
+    masking = method.protocol_masking(cfg.spa.masking)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     version = settings_of_protocol.datasets.get(benchmark)
     settings = {
@@ -113,19 +121,22 @@ def plan_cell(cfg: DictConfig, attention: bool = False) -> CellPlan | None:
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "anchor": anchor,
         "omega": omega,
-        "spa": {"masking": cfg.spa.masking or settings_of_protocol.masking,
+        "spa": {"masking": masking or settings_of_protocol.masking,
                 **{k: cfg.spa[k] for k in ("modulated_by_prob", "mask_token")}},
         # batch_size only changes speed, and the task selection only how much of the cell exists.
         "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if k != "batch_size"},
     }
+    if method.name != "spa":  # SPA's settings stay as they were, so that its existing cells keep their fingerprints
+        settings["method"] = method.settings()
     if settings_of_protocol.name == "authors":
         settings["authors_file_sha256"] = authors_file(benchmark, to_absolute_path(cfg.paths.authors_data_dir))[1]
     if attention:
         settings["attention"] = {k: v for k, v in OmegaConf.to_container(cfg.attention, resolve=True).items() if k != "grad_batch_size"}
     runs_dir = Path(to_absolute_path(cfg.paths.runs_dir))
     path = cell_dir(runs_dir, cfg.experiment_name, cfg.model.name, benchmark, settings_of_protocol.name,
-                    None if attention else anchor, omega)
-    return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, settings_of_protocol.name, anchor, omega, path, settings)
+                    None if attention else anchor, method.strength, method=method.name, parameter=method.spec.parameter)
+    return CellPlan(cfg.experiment_name, cfg.model.name, benchmark, settings_of_protocol.name, anchor, omega, path, settings,
+                    method, masking)
 
 
 _LOADED: dict = {}
@@ -183,7 +194,8 @@ def describe(cfg: DictConfig, plan: CellPlan, task_ids: list[str]) -> dict:
         "protocol_settings": plan.settings["protocol"],
         "anchor": plan.anchor,
         "omega": plan.omega,
-        "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), "omega": plan.omega},
+        "method": {**plan.method.settings(), "omega": plan.omega},
+        "spa": {**OmegaConf.to_container(cfg.spa, resolve=True), **({"omega": plan.omega} if plan.method.name == "spa" else {})},
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "quantization": plan.settings["quantization"],
         "dataset_sha256": plan.settings["dataset_sha256"],
@@ -263,14 +275,15 @@ def run_cell(cfg: DictConfig) -> Path | None:
 
 def protocol_tasks(cfg: DictConfig, plan: CellPlan) -> dict[str, dict]:
     """The tasks as the cell's protocol reads them (task ids, prompts, tests); no tokenizer needed."""
-    return build_protocol(cfg, tokenizer=None).tasks(plan.benchmark)
+    return build_protocol(cfg, None, plan.masking).tasks(plan.benchmark)
 
 
 def prepare_inputs(cfg: DictConfig, plan: CellPlan, task_ids: list[str], tokenizer) -> tuple[Protocol, dict, dict[str, ModelInputs]]:
-    """(protocol, tasks, model inputs per task id) of a cell."""
-    protocol = build_protocol(cfg, tokenizer)
+    """(protocol, tasks, model inputs per task id) of a cell; each input's second view is the cell method's."""
+    protocol = build_protocol(cfg, tokenizer, plan.masking)
     tasks = protocol.tasks(plan.benchmark)
-    return protocol, tasks, {t: protocol.model_inputs(tasks[t], plan.benchmark, plan.anchor) for t in task_ids}
+    inputs = {t: plan.method.second_view(protocol.model_inputs(tasks[t], plan.benchmark, plan.anchor), tokenizer) for t in task_ids}
+    return protocol, tasks, inputs
 
 
 def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], omega: float, cfg: DictConfig, **kwargs) -> list[list[int]]:
@@ -295,7 +308,9 @@ def generate_samples(cfg: DictConfig, plan: CellPlan, todo: list[str], cell: Cel
     sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed", "num_samples")}
     per_batch = max(1, int(gen.batch_size) // int(gen.num_samples))
     tokens, seconds = 0, 0.0
-    bar = tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.protocol} {plan.anchor} omega={plan.omega}", unit="task")
+    method = plan.method
+    bar = tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.protocol} {method.name} {plan.anchor} "
+                                    f"{method.spec.parameter}={method.strength:g}", unit="task")
     for start in range(0, len(todo), per_batch):
         batch = todo[start : start + per_batch]
         begin = time.time()

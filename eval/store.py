@@ -1,6 +1,8 @@
 """The results store: one directory per cell, crash-safe appends, resume, locking and provenance.
 
-A cell is ``<runs_dir>/<experiment>/<model>/<benchmark>/<protocol>/<anchor>/omega=<omega>/`` holding
+A cell is ``<runs_dir>/<experiment>/<model>/<benchmark>/<protocol>/<anchor>/omega=<omega>/`` (another method than
+SPA adds its name after the protocol: ``.../<protocol>/<method>/<anchor>/<parameter>=<strength>/``, see
+:func:`cell_levels`) holding
 ``samples.jsonl`` (EvalPlus format plus our fields, appended one task at a time and fsynced),
 ``eval_results.json`` and ``manifest.json`` (written atomically). A cell directory belongs to one
 configuration: its fingerprint (everything that changes the samples) is kept in the manifest, and a
@@ -37,10 +39,28 @@ def format_omega(omega: float) -> str:
     return text if "e" not in text else f"{omega:.6f}".rstrip("0")
 
 
-def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, protocol: str, anchor: str | None, omega: float) -> Path:
-    """The cell's directory; attention cells (``anchor=None``) have no anchor level."""
-    parts = [experiment, model, benchmark, protocol] + ([anchor] if anchor is not None else [])
-    return Path(runs_dir).joinpath(*parts, f"omega={format_omega(omega)}")
+def cell_levels(method: str = "spa", attention: bool = False) -> tuple[str, ...]:
+    """The keys a cell's directories name, in order, below the runs dir; the leaf ``<parameter>=<strength>`` follows.
+
+    SPA's cells (the plain model's among them) keep the layout they always had,
+    ``<experiment>/<model>/<benchmark>/<protocol>/<anchor>/omega=<omega>``; another method adds one level, its name,
+    after the protocol: ``.../<protocol>/<method>/<anchor>/<parameter>=<strength>`` (``cad/nl/alpha=0.5``).
+    Attention cells have no anchor level.
+    """
+    levels = ("experiment", "model", "benchmark", "protocol")
+    if attention:
+        return levels
+    return levels + (() if method == "spa" else ("method",)) + ("anchor",)
+
+
+def cell_dir(runs_dir: Path, experiment: str, model: str, benchmark: str, protocol: str, anchor: str | None, omega: float,
+             *, method: str = "spa", parameter: str = "omega") -> Path:
+    """The cell's directory (layout: :func:`cell_levels`); ``omega`` is the value of the method's ``parameter``.
+    Attention cells (``anchor=None``) have no anchor level."""
+    keys = {"experiment": experiment, "model": model, "benchmark": benchmark, "protocol": protocol, "method": method,
+            "anchor": anchor}
+    parts = [keys[level] for level in cell_levels(method, attention=anchor is None)]
+    return Path(runs_dir).joinpath(*parts, f"{parameter}={format_omega(omega)}")
 
 
 def fingerprint(settings: dict) -> str:

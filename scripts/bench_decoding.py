@@ -1,14 +1,17 @@
-"""Decoding throughput: plain greedy vs this SPA engine vs transformers CFG vs the authors' `anchoring` package.
+"""Decoding throughput of every method: plain greedy, SPA, CFG and CAD on this engine, transformers' CFG and the
+authors' `anchoring` package.
 
-All four run side by side in one process on the same random-weight DeepSeek-Coder-shaped Llama, the
-same prompts and the same fixed number of new tokens (no EOS), at each batch size; the medians of
-interleaved repeats are reported as tokens/s and as cost relative to plain greedy (time / plain time).
-It also reports how many rows of each SPA implementation agree token for token with this engine. The
-engine also runs with a masked view of another length (``spa_engine_shorter_view``: the anchored
-stretch replaced by one mask token, as ``masking="replace"`` makes it), timed only.
+All run side by side in one process on the same random-weight DeepSeek-Coder-shaped Llama, the same prompts
+and the same fixed number of new tokens (no EOS), at each batch size; the medians of interleaved repeats are
+reported as tokens/s and as cost relative to plain greedy (time / plain time), which is the cost per token of
+each method. Rows of another implementation of the same decoding are compared token for token with this
+engine's (transformers' CFG with the masked prompt as negative = SPA; without a negative prompt = the engine's
+CFG with the last prompt token; `anchoring` = SPA). The engine also runs with a masked view of another length
+(``spa_engine_shorter_view``: the anchored stretch replaced by one mask token, as ``masking="replace"`` makes it).
 
-    python scripts/bench_decoding.py                      # CPU preset (make bench)
+    python scripts/bench_decoding.py                      # CPU preset (make bench) -> results/bench/decoding.json
     python scripts/bench_decoding.py --preset gpu-1.3b    # on a GPU: DeepSeek-Coder-1.3B shape, bf16
+    python scripts/bench_decoding.py --preset smoke       # seconds: a toy shape, to check that everything runs
 """
 
 from __future__ import annotations
@@ -42,10 +45,16 @@ PRESETS = {
     "gpu-1.3b": dict(config=dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
                                  num_key_value_heads=16, max_position_embeddings=16384), device="cuda", dtype="bf16",
                      batch_sizes=[1, 32], prompt_tokens=150, new_tokens=128, repeats=5, threads=None),
+    # A toy shape that runs every method in seconds; its numbers mean nothing (written under results/cache/).
+    "smoke": dict(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=4), device="cpu", dtype="fp32", batch_sizes=[1, 4], prompt_tokens=40,
+                  new_tokens=8, repeats=1, threads=2),
 }
 VOCAB = 32256
 MASK_ID = 32014  # DeepSeek-Coder's <pad>, the authors' mask token for it
 OMEGA = 1.3
+GUIDANCE_SCALE = 1.5  # CFG's default (configs/method/cfg.yaml)
+ALPHA = 0.5  # CAD's default (configs/method/cad.yaml)
 
 
 def make_prompts(batch: int, prompt_tokens: int, seed: int):
@@ -76,14 +85,36 @@ def run_engine(model, prompts, masks, new_tokens):
     return spa.decode(model, prompts, masks, omega=OMEGA, mask_token_id=MASK_ID, max_new_tokens=new_tokens)
 
 
+def replace_stretch(prompt, mask, replacement=()):
+    """``prompt`` with the one contiguous anchored stretch make_prompts puts in it replaced (default: deleted)."""
+    start = mask.index(True)
+    return prompt[:start] + list(replacement) + prompt[start + sum(mask):]
+
+
 def run_engine_shorter_view(model, prompts, masks, new_tokens):
     """The engine with a masked view of another length: the anchored stretch replaced by ONE mask token
     (as masking="replace" makes it), so the masked rows have a hole after the shared prefix."""
-    masked = []
-    for prompt, mask in zip(prompts, masks):
-        start = mask.index(True)  # make_prompts anchors one contiguous stretch
-        masked.append(prompt[:start] + [MASK_ID] + prompt[start + sum(mask):])
+    masked = [replace_stretch(p, m, [MASK_ID]) for p, m in zip(prompts, masks)]
     return spa.decode(model, prompts, omega=OMEGA, masked_prompts=masked, max_new_tokens=new_tokens)
+
+
+def run_engine_cfg(model, prompts, masks, new_tokens):
+    """CFG on the engine: the last prompt token as negative prompt (transformers' default)."""
+    return spa.decode(model, prompts, omega=GUIDANCE_SCALE, masked_prompts=[p[-1:] for p in prompts], max_new_tokens=new_tokens)
+
+
+def run_engine_cad(model, prompts, masks, new_tokens):
+    """CAD on the engine: omega = 1 + alpha, the anchored stretch deleted from the second view."""
+    deleted = [replace_stretch(p, m) for p, m in zip(prompts, masks)]
+    return spa.decode(model, prompts, omega=1 + ALPHA, masked_prompts=deleted, max_new_tokens=new_tokens)
+
+
+def run_cfg_last_token(model, prompts, masks, new_tokens):
+    """transformers' own CFG without a negative prompt: its unconditional branch starts from the last prompt token."""
+    ids, attention = left_padded(prompts, model.device)
+    out = model.generate(input_ids=ids, attention_mask=attention, guidance_scale=GUIDANCE_SCALE, max_new_tokens=new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=MASK_ID)
+    return out[:, ids.shape[1]:].tolist()
 
 
 def run_cfg(model, prompts, masks, new_tokens):
@@ -109,9 +140,10 @@ def run_official(model, prompts, masks, new_tokens):
 
 
 METHODS = {"plain_greedy": run_plain, "spa_engine": run_engine, "spa_engine_shorter_view": run_engine_shorter_view,
-           "transformers_cfg": run_cfg, "anchoring_0.1.0": run_official}
-# The implementations of the same SPA as spa_engine (same masked view), compared with it token for token.
-SAME_SPA = ("transformers_cfg", "anchoring_0.1.0")
+           "cfg_engine": run_engine_cfg, "cad_engine": run_engine_cad, "transformers_cfg": run_cfg,
+           "transformers_cfg_last_token": run_cfg_last_token, "anchoring_0.1.0": run_official}
+# Other implementations of one of the engine's decodings -> that decoding; compared with it token for token.
+REFERENCES = {"transformers_cfg": "spa_engine", "anchoring_0.1.0": "spa_engine", "transformers_cfg_last_token": "cfg_engine"}
 
 
 def synchronize(device):
@@ -173,14 +205,15 @@ def main() -> None:
                 "cost_vs_plain": seconds / plain,
                 "all_seconds": times[name],
             }
-            if name in SAME_SPA:
-                row["rows_equal_to_spa_engine"] = sum(a == b for a, b in zip(outputs[name], outputs["spa_engine"]))
+            if name in REFERENCES:
+                reference = REFERENCES[name]
+                row[f"rows_equal_to_{reference}"] = sum(a == b for a, b in zip(outputs[name], outputs[reference]))
             results.append(row)
     by_key = {(r["batch_size"], r["method"]): r for r in results}
     speedups = {
         f"batch_{b}": {
-            f"spa_engine_throughput_vs_{other}": by_key[(b, "spa_engine")]["tokens_per_second"] / by_key[(b, other)]["tokens_per_second"]
-            for other in methods if other in SAME_SPA
+            f"{reference}_throughput_vs_{other}": by_key[(b, reference)]["tokens_per_second"] / by_key[(b, other)]["tokens_per_second"]
+            for other, reference in REFERENCES.items() if other in methods
         }
         for b in batch_sizes
     }
@@ -189,6 +222,8 @@ def main() -> None:
         "preset": args.preset,
         "model": {"architecture": "llama (random weights, DeepSeek-Coder-shaped)", "vocab_size": VOCAB, **preset["config"], "dtype": preset["dtype"]},
         "omega": OMEGA,
+        "guidance_scale": GUIDANCE_SCALE,
+        "alpha": ALPHA,
         "prompt_tokens": preset["prompt_tokens"],
         "new_tokens": new_tokens,
         "repeats": repeats,
@@ -198,13 +233,15 @@ def main() -> None:
         "results": results,
         "speedups": speedups,
     }
-    print(f"\n{'batch':>5} {'method':<24} {'tokens/s':>10} {'cost vs plain':>14} {'rows = engine':>14}")
+    print(f"\n{'batch':>5} {'method':<28} {'tokens/s':>10} {'cost vs plain':>14} {'rows = engine':>14}")
     for r in results:
-        agree = f"{r['rows_equal_to_spa_engine']}/{r['batch_size']}" if "rows_equal_to_spa_engine" in r else ""
-        print(f"{r['batch_size']:>5} {r['method']:<24} {r['tokens_per_second']:>10.1f} {r['cost_vs_plain']:>14.2f} {agree:>14}")
+        equal = next((v for k, v in r.items() if k.startswith("rows_equal_to_")), None)
+        agree = f"{equal}/{r['batch_size']}" if equal is not None else ""
+        print(f"{r['batch_size']:>5} {r['method']:<28} {r['tokens_per_second']:>10.1f} {r['cost_vs_plain']:>14.2f} {agree:>14}")
     for batch, values in speedups.items():
         print(batch, " ".join(f"{k}={v:.2f}x" for k, v in values.items()))
-    out = args.out or REPO_ROOT / "results" / "bench" / ("decoding.json" if args.preset == "cpu-small" else f"decoding-{args.preset}.json")
+    default = {"cpu-small": "results/bench/decoding.json", "smoke": "results/cache/bench/decoding-smoke.json"}
+    out = args.out or REPO_ROOT / default.get(args.preset, f"results/bench/decoding-{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -15,6 +15,9 @@ PAPER_MODELS = ["codegen-350m-mono", "deepseek-coder-1.3b-instruct", "deepseek-c
 
 # Presets of scripts/attention.py compose with its primary config; the others with scripts/run.py's.
 ATTENTION_PRESETS = {"attention", "demo_attention"}
+# Presets that add cells to another preset's experiment (a method's grid, the demo's baseline cells).
+SHARED_EXPERIMENTS = {"baselines_spa": "baselines", "baselines_cfg": "baselines", "baselines_cad": "baselines",
+                      "demo_baselines": "demo"}
 
 
 def compose_run(overrides, primary="run"):
@@ -31,7 +34,8 @@ def test_groups_hold_the_papers_settings():
     assert set(group_options("model")) == {*PAPER_MODELS, "tiny"}
     assert set(group_options("anchor")) == set(ANCHOR_CONDITIONS)
     assert set(group_options("benchmark")) == {"humaneval", "mbpp"}
-    assert set(group_options("experiment")) >= {"table1", "omega_sweep", "anchor_ablation", "attention", "demo"}
+    assert set(group_options("experiment")) >= {"table1", "omega_sweep", "anchor_ablation", "attention", "demo", "baselines"}
+    assert set(group_options("method")) == {"spa", "cfg", "cad"}
 
 
 @pytest.mark.parametrize("model", PAPER_MODELS + ["tiny"])
@@ -53,7 +57,7 @@ def test_paper_omegas_match_table3():
         assert (cfg.model.paper_omega.humaneval, cfg.model.paper_omega.mbpp) == (humaneval, mbpp)
 
 
-@pytest.mark.parametrize("group", ["anchor", "spa", "generation", "quantization"])
+@pytest.mark.parametrize("group", ["anchor", "spa", "method", "generation", "quantization"])
 def test_every_option_of_every_group_composes(group):
     for option in group_options(group):
         resolve_all(compose_run([f"{group}={option}"]))
@@ -71,16 +75,30 @@ def test_launchers_compose(launcher):
 def test_experiment_presets_compose_and_sweep_real_options(experiment):
     primary = "attention" if experiment in ATTENTION_PRESETS else "run"
     cfg = compose_run([f"+experiment={experiment}"], primary)
-    assert cfg.experiment_name == ("attention" if primary == "attention" else experiment)
+    assert cfg.experiment_name == ("attention" if primary == "attention" else SHARED_EXPERIMENTS.get(experiment, experiment))
     params = cfg.hydra.sweeper.params or {}
     assert params, "every preset defines its sweep"
     for key, values in params.items():
         for value in str(values).split(","):
-            if key in ("model", "benchmark", "anchor"):
+            if key in ("model", "benchmark", "anchor", "method"):
                 assert value in group_options(key), (experiment, key, value)
             elif key == "spa.omega":
                 assert value == "paper" or float(value) > 0
+            elif key.startswith("method."):
+                assert key.removeprefix("method.") in compose_run([f"method={params['method']}"]).method, (experiment, key)
+                assert float(value) >= 0
     resolve_all(cfg)
+
+
+def test_the_baselines_grids_share_one_experiment_and_the_plain_model():
+    """Each method's grid of `make baselines` sweeps the base preset's models and benchmarks, and holds its plain point."""
+    base = compose_run(["+experiment=baselines"]).hydra.sweeper.params
+    plain = {"baselines_spa": ("spa.omega", 1.0), "baselines_cfg": ("method.guidance_scale", 1.0), "baselines_cad": ("method.alpha", 0.0)}
+    for preset, (key, neutral) in plain.items():
+        params = compose_run([f"+experiment={preset}"]).hydra.sweeper.params
+        assert (params.model, params.benchmark) == (base.model, base.benchmark) and len(params.model.split(",")) == 5
+        assert params.method == preset.removeprefix("baselines_")
+        assert neutral in [float(v) for v in params[key].split(",")]
 
 
 def test_attention_config_extends_run_with_eager_attention():

@@ -1,4 +1,5 @@
-"""spa.decode against references: plain generate, brute-force recomputation, batching, transformers CFG."""
+"""spa.decode against references: plain generate, brute-force recomputation, batching, transformers CFG, and the
+baselines on the same engine (CFG with the last prompt token as negative, CAD's formula)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,20 @@ def greedy_generate(model, prompt, max_new_tokens):
 
 
 @torch.no_grad()
-def brute_force_views(model, prompt, masked, omega, max_new_tokens, *, keep=None, modulated=False, eos=None):
+def brute_force_views(model, prompt, masked, omega, max_new_tokens, *, keep=None, modulated=False, eos=None, combine=None):
     """Recompute both full sequences, prompt + generated and masked prompt + generated, without any cache
-    at every step. ``keep``: the masked view's attention keep-mask over ``masked`` (default: all)."""
+    at every step. ``keep``: the masked view's attention keep-mask over ``masked`` (default: all).
+    ``combine(original logits, masked logits) -> scores``: default SPA's ``combine_logits`` at ``omega``."""
     generated = []
     for _ in range(max_new_tokens):
         original_logits = model(torch.tensor([prompt + generated])).logits[0, -1]
         attend = [int(k) for k in (keep or [True] * len(masked))] + [1] * len(generated)
         masked_logits = model(torch.tensor([masked + generated]), attention_mask=torch.tensor([attend]),
                               position_ids=torch.arange(len(attend))[None]).logits[0, -1]
-        scores = combine_logits(original_logits[None], masked_logits[None], omega, modulated)[0]
+        if combine is not None:
+            scores = combine(original_logits, masked_logits)
+        else:
+            scores = combine_logits(original_logits[None], masked_logits[None], omega, modulated)[0]
         generated.append(int(scores.argmax()))
         if generated[-1] == eos:
             break
@@ -397,3 +402,66 @@ def test_build_views_layout():
     assert hidden.shared == 2
     # Identical views share everything but the last column, which yields the first logits.
     assert build_views(original, original).shared == 4
+
+
+# ---- Baselines on the same engine (eval/methods.py): CFG and CAD ---------------------------------
+
+
+@torch.no_grad()
+def transformers_cfg(model, prompt, guidance_scale, max_new_tokens, negative=None):
+    """transformers' own classifier-free guidance, greedy; without ``negative`` its unconditional branch starts
+    from the last prompt token."""
+    extra = {} if negative is None else {"negative_prompt_ids": torch.tensor([negative])}
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         guidance_scale=guidance_scale, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=MASK_ID, **extra)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("guidance_scale", [1.5, 3.0])
+def test_cfg_with_the_last_token_as_negative_equals_transformers_cfg(tiny_model, guidance_scale):
+    """method=cfg (negative: last_token) is the engine with the last prompt token as second view: token for token
+    transformers' generate(guidance_scale=...) without a negative prompt, batched or not."""
+    prompts, _ = random_prompts([10, 15, 7], seed=8)
+    negatives = [p[-1:] for p in prompts]
+    out = spa.decode(tiny_model, prompts, omega=guidance_scale, masked_prompts=negatives, max_new_tokens=10)
+    assert out == [transformers_cfg(tiny_model, p, guidance_scale, 10) for p in prompts]
+    assert out == spa.decode(tiny_model, prompts, omega=guidance_scale, masked_prompts=negatives, max_new_tokens=10, batch_size=1)
+
+
+def test_cfg_with_an_explicit_negative_of_another_length_equals_transformers_cfg(tiny_model):
+    """An explicit negative prompt (here the anchored stretch deleted, shorter than the prompt) as transformers
+    takes it in negative_prompt_ids."""
+    prompts, masks = random_prompts([12, 9], seed=9)
+    negatives = masked_views_of("deleted span", prompts, masks)
+    out = spa.decode(tiny_model, prompts, omega=2.0, masked_prompts=negatives, max_new_tokens=10)
+    assert out == [transformers_cfg(tiny_model, p, 2.0, 10, negative=n) for p, n in zip(prompts, negatives)]
+
+
+def test_cfgs_log_softmax_combination_differs_from_raw_logits_by_one_number_per_row():
+    """transformers' CFG combines log-softmaxed scores, the engine raw logits: the two differ by a constant per
+    row, so argmax, softmax (any temperature), top-k and top-p choose alike (eval/methods.py)."""
+    generator = torch.Generator().manual_seed(0)
+    original, negative = (torch.randn(4, VOCAB, generator=generator) * 5 for _ in range(2))
+    for scale in (1.5, 0.3, -1.0):
+        raw = combine_logits(original, negative, scale)  # float32, as the engine combines
+        log_probs = scale * torch.log_softmax(original, -1) + (1 - scale) * torch.log_softmax(negative, -1)
+        shift = raw - log_probs
+        assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-4)
+        assert torch.allclose(torch.log_softmax(raw / 0.7, -1), torch.log_softmax(log_probs / 0.7, -1), atol=1e-4)
+        assert torch.equal(raw.argmax(-1), log_probs.argmax(-1))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_cad_equals_its_formula_by_brute_force(tiny_model, alpha):
+    """method=cad: (1 + alpha) * l(prompt) - alpha * l(prompt without the anchored text), both full sequences
+    recomputed every step, against the engine at omega = 1 + alpha with the anchored stretch deleted."""
+    prompts, masks = random_prompts([13, 7, 10, 16], seed=10)
+    deleted = masked_views_of("deleted span", prompts, masks)
+
+    def cad(context, without):
+        return (1 + alpha) * context - alpha * without
+
+    reference = [brute_force_views(tiny_model, p, d, None, 8, combine=cad) for p, d in zip(prompts, deleted)]
+    assert spa.decode(tiny_model, prompts, omega=1 + alpha, masked_prompts=deleted, max_new_tokens=8) == reference
+    assert spa.decode(tiny_model, prompts, omega=1 + alpha, masked_prompts=deleted, max_new_tokens=8, batch_size=2) == reference

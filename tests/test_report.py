@@ -1,5 +1,5 @@
-"""Aggregation of runs into Tables 1-3 (eval.report, scripts/aggregate.py) on synthetic results with
-known per-task outcomes, and the transcriptions of the paper's tables."""
+"""Aggregation of runs into Tables 1-3 and the method comparison (eval.report, scripts/aggregate.py) on synthetic
+results with known per-task outcomes, and the transcriptions of the paper's tables."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import pytest
 from scipy.stats import binomtest
 
 from eval.errors import ConfigError, HarnessError
+from eval.methods import METHODS
+from eval.store import cell_dir
 from eval.report import (
     Settings,
     aggregate,
@@ -48,10 +50,13 @@ def write_cell(
     generation: dict | None = None,
     with_results: bool = True,
     protocol: str = "evalplus",
+    method: str = "spa",
 ) -> Path:
-    """One run cell in the runner's layout, with one greedy sample per task."""
+    """One run cell in the runner's layout (the store's ``cell_dir``), with one greedy sample per task; ``omega``
+    is the method's own strength (SPA's omega, CFG's guidance_scale, CAD's alpha)."""
     plus = base if plus is None else plus
-    cell = runs / experiment / model / benchmark / protocol / anchor / f"omega={float(omega)}"
+    spec = METHODS[method]
+    cell = cell_dir(runs, experiment, model, benchmark, protocol, anchor, omega, method=method, parameter=spec.parameter)
     cell.mkdir(parents=True)
     manifest = {
         "experiment": experiment,
@@ -60,7 +65,8 @@ def write_cell(
         "protocol": protocol,
         "protocol_settings": {"name": protocol, "max_length": None},
         "anchor": anchor,
-        "omega": float(omega),
+        "omega": spec.coefficient(omega),
+        "method": {"name": method, spec.parameter: float(omega), "omega": spec.coefficient(omega)},
         "spa": {"omega": float(omega), "masking": "token"},
         "generation": generation or {"max_new_tokens": 512, "do_sample": False},
         "status": status,
@@ -490,3 +496,91 @@ def test_bad_options_are_config_errors_with_exit_code_2(runs: Path, tmp_path: Pa
         Settings.from_config({"cv_folds": "five"})
     with pytest.raises(ConfigError, match="cv_folds=1 is invalid"):
         Settings.from_config({"cv_folds": 1, "runs_dir": "ignored"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods beside SPA (CFG, CAD)
+
+
+@pytest.fixture
+def method_runs(tmp_path: Path) -> Path:
+    """40 tasks; each grid passes a prefix of the tasks, so every fold's choice is the grid's best."""
+    runs = tmp_path / "runs"
+    n = 40
+    write_cell(runs, "baselines", "tiny", "humaneval", "none", 1.0, outcomes(n, range(10)))
+    for omega, passing in ((1.2, 30), (1.4, 25)):
+        write_cell(runs, "baselines", "tiny", "humaneval", "nl", omega, outcomes(n, range(passing)))
+    for scale, passing in ((1.25, 20), (1.5, 35)):
+        write_cell(runs, "baselines", "tiny", "humaneval", "none", scale, outcomes(n, range(passing)), method="cfg")
+    for alpha, passing in ((0.25, 15), (0.5, 28)):
+        write_cell(runs, "baselines", "tiny", "humaneval", "nl", alpha, outcomes(n, range(passing)), method="cad")
+    write_cell(runs, "baselines", "tiny", "humaneval", "nl", 1.0, outcomes(n, range(40)), method="cad", status="incomplete")
+    return runs
+
+
+def test_method_cells_are_read_from_their_own_level(method_runs: Path) -> None:
+    loaded = load_runs(method_runs)
+    keys = sorted((c.method, c.anchor, c.strength, c.omega) for c in loaded.cells)
+    assert keys == [("cad", "nl", 0.25, 1.25), ("cad", "nl", 0.5, 1.5), ("cfg", "none", 1.25, 1.25), ("cfg", "none", 1.5, 1.5),
+                    ("spa", "nl", 1.2, 1.2), ("spa", "nl", 1.4, 1.4), ("spa", "none", 1.0, 1.0)]
+    cad = next(c for c in loaded.cells if c.method == "cad")
+    assert cad.path.relative_to(method_runs).parts[4:] == ("cad", "nl", f"alpha={cad.strength}")
+    assert any("alpha=1.0: status 'incomplete'" in note for note in loaded.skipped), "a method's cell counts as SPA's do"
+
+
+def test_methods_table_at_cross_validated_strengths_with_paired_gains(method_runs: Path, tmp_path: Path) -> None:
+    outputs = aggregate(method_runs, tmp_path / "out", "all", FAST)
+    methods = table(outputs, "methods")
+    humaneval = methods[methods.benchmark == "HumanEval"]
+    assert list(zip(humaneval.method, humaneval.second_view)) == [
+        ("SPA", "NL masked"), ("CFG", "last prompt token"), ("CAD", "NL deleted")]  # variants with cells, in order
+    spa = row(humaneval, method_key="spa")
+    assert (spa.cv_strength, spa.pass_at_1, spa.plain, spa.gain) == pytest.approx((1.2, 75.0, 25.0, 50.0))
+    assert spa.strengths == "1 1.2 1.4" and math.isnan(spa.vs_spa_gain)
+    cfg = row(humaneval, method_key="cfg")
+    assert (cfg.parameter, cfg.anchor, cfg.strengths, cfg.cv_fold_strengths) == ("guidance_scale", "none", "1 1.25 1.5", "1.5 " * 4 + "1.5")
+    assert (cfg.cv_strength, cfg.pass_at_1, cfg.gain, cfg.vs_spa_gain) == pytest.approx((1.5, 87.5, 62.5, 12.5))
+    assert cfg.vs_spa_gain_ci_low <= 12.5 <= cfg.vs_spa_gain_ci_high
+    assert cfg.vs_spa_p_value == pytest.approx(binomtest(5, 5, 0.5).pvalue)  # 5 tasks only CFG passes, none only SPA
+    cad = row(humaneval, method_key="cad")
+    assert (cad.parameter, cad.strengths, cad.test_optimal_strength) == ("alpha", "0 0.25 0.5", 0.5)
+    assert (cad.cv_strength, cad.pass_at_1, cad.gain, cad.vs_spa_gain) == pytest.approx((0.5, 70.0, 45.0, -5.0))
+    assert cad.n_tasks == 40 and cad.sweep_experiment == "baselines"
+    assert len(methods[methods.benchmark == "MBPP"]) == 0, "no rows without any method's cells"
+    markdown = text_of(outputs, "methods.md")
+    assert "| vs SPA [95% CI]" in markdown and "+12.5 [" in line_with(markdown, "| CFG ", "| HumanEval ")
+
+    strength = table(outputs, "methods_strength")
+    cad_points = strength[(strength.method_key == "cad") & (strength.benchmark == "HumanEval")]
+    assert list(zip(cad_points.strength, cad_points.weight, cad_points.pass_at_1)) == [(0.0, 1.0, 25.0), (0.25, 1.25, 37.5), (0.5, 1.5, 70.0)]
+    assert set(strength.method) == {"SPA (NL masked)", "CFG (last prompt token)", "CAD (NL deleted)"}
+    figure_names = {path.name for path in outputs.files if path.parent.name == "figures"}
+    assert {"methods_strength-evalplus.png", "methods_strength-evalplus.pdf"} <= figure_names
+    # SPA's own tables are the same as without the other methods: they read SPA's cells only.
+    assert row(table(outputs, "table3"), model_key="tiny", benchmark="humaneval").test_optimal_omega == 1.2
+
+
+def test_without_other_methods_there_is_no_methods_table(runs: Path, tmp_path: Path) -> None:
+    outputs = aggregate(runs, tmp_path / "out", "all", FAST)
+    assert not any(path.name.startswith("methods") for path in outputs.files)
+    assert any(note.startswith("methods and methods_strength skipped") for note in outputs.notes)
+
+
+def test_spa_cells_written_before_methods_are_read_as_spa(runs: Path) -> None:
+    before = {(c.model, c.anchor, c.omega, c.method) for c in load_runs(runs).cells}
+    for manifest_path in runs.rglob("manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        del manifest["method"]
+        manifest_path.write_text(json.dumps(manifest))
+    assert {(c.model, c.anchor, c.omega, c.method) for c in load_runs(runs).cells} == before
+    assert {method for *_, method in before} == {"spa"}
+
+
+def test_a_method_cell_outside_its_level_is_not_counted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cell = write_cell(runs, "unit", "tiny", "humaneval", "nl", 0.5, outcomes(4, range(2)), method="cad")
+    spa_layout = runs / "unit" / "tiny" / "humaneval" / "evalplus" / "nl" / "alpha=0.5"
+    spa_layout.parent.mkdir(parents=True)
+    cell.rename(spa_layout)
+    loaded = load_runs(runs)
+    assert loaded.cells == [] and "not a cell directory of the results layout" in loaded.skipped[0]

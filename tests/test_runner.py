@@ -1,4 +1,5 @@
-"""The cell runner and results store: layout, provenance, resume after a crash, guards, CLI errors."""
+"""The cell runner and results store: layout, provenance, resume after a crash, guards, CLI errors, and the
+cells of every method (SPA, CFG, CAD)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def test_cell_layout_and_provenance(make_cfg, tmp_path):
     assert manifest["config"]["generation"]["max_new_tokens"] == 6
 
 
-def test_resume_after_crash_keeps_finished_tasks(make_cfg):
-    cfg = make_cfg("spa.omega=1.3")
+@pytest.mark.parametrize("method", [["spa.omega=1.3"], ["method=cfg"], ["method=cad", "method.alpha=1"]])
+def test_resume_after_crash_keeps_finished_tasks(make_cfg, method):
+    cfg = make_cfg(*method)
     path = run_cell(cfg)
     samples_file = path / "samples.jsonl"
     full = samples_file.read_bytes()
@@ -61,7 +63,7 @@ def test_resume_after_crash_keeps_finished_tasks(make_cfg):
         run_cell(cfg)
     assert samples_file.read_bytes() == full, "finished tasks are kept as they were and the lost one is redone identically"
     # A larger selection only generates what is missing.
-    run_cell(make_cfg("spa.omega=1.3", "limit=4"))
+    run_cell(make_cfg(*method, "limit=4"))
     after = read_lines(samples_file)
     assert [s["task_id"] for s in after] == ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3"]
     assert samples_file.read_bytes().startswith(full)
@@ -92,14 +94,17 @@ def test_invalid_combinations(make_cfg):
         run_cell(make_cfg("spa.omega=abc"))
 
 
-@pytest.mark.parametrize("argument, message", [
-    ("model=gpt5", "Unknown model 'gpt5'"),
-    ("anchor=nl+docs", "Unknown anchor 'nl+docs'"),
-    ("benchmark=apps", "Unknown benchmark 'apps'"),
-    ("spa.omega=strong", "finite number or 'paper'"),
+@pytest.mark.parametrize("arguments, message", [
+    (["model=gpt5"], "Unknown model 'gpt5'"),
+    (["anchor=nl+docs"], "Unknown anchor 'nl+docs'"),
+    (["benchmark=apps"], "Unknown benchmark 'apps'"),
+    (["spa.omega=strong"], "finite number or 'paper'"),
+    (["method=pasta"], "Unknown method 'pasta'"),
+    (["-m", "method=cfg,cad", "method.guidance_scale=2"], "method=cad has no setting 'method.guidance_scale'"),
+    (["method=cfg", "spa.omega=1.3"], "spa.omega=1.3 is a setting of SPA and has no effect with method=cfg"),
 ])
-def test_cli_bad_input_exits_2_and_writes_nothing(argument, message, tmp_path, data_dir):
-    result = subprocess.run([sys.executable, "scripts/run.py", argument, f"paths.results_dir={tmp_path}", f"paths.data_dir={data_dir}"],
+def test_cli_bad_input_exits_2_and_writes_nothing(arguments, message, tmp_path, data_dir):
+    result = subprocess.run([sys.executable, "scripts/run.py", *arguments, f"paths.results_dir={tmp_path}", f"paths.data_dir={data_dir}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
@@ -215,3 +220,93 @@ def test_authors_protocol_attention_cell(tmp_path, model_cache, data_dir):
     (record,) = read_lines(path / "attention.jsonl")
     assert record["grad_steps"] == [0, 4] and record["self_prompt_share"][0] == pytest.approx(1.0)
     assert json.loads((path / "manifest.json").read_text())["protocol_settings"]["attention_gradient"] == "top100_logit_sum"
+
+
+# ---- Other methods than SPA (eval/methods.py) -----------------------------------------------------
+
+
+def test_method_cells_layout_and_second_views(make_cfg, tmp_path):
+    """CFG and CAD cells add a method level; their second views are the last prompt token, the masked view
+    (= SPA at omega = guidance_scale, sample for sample) and the prompt with the NL deleted."""
+    runs = tmp_path / "runs" / "unit" / "tiny" / "humaneval" / "evalplus"
+    cfg_path = run_cell(make_cfg("method=cfg", "anchor=nl+test", "experiment_name=unit"))
+    assert cfg_path == runs / "cfg" / "none" / "guidance_scale=1.5", "the last-token negative ignores the anchor"
+    samples = read_lines(cfg_path / "samples.jsonl")
+    assert all(s["n_masked_prompt_tokens"] == 1 for s in samples)
+    manifest = json.loads((cfg_path / "manifest.json").read_text())
+    assert manifest["method"] == {"name": "cfg", "guidance_scale": 1.5, "negative": "last_token", "omega": 1.5}
+    assert (manifest["anchor"], manifest["omega"]) == ("none", 1.5)
+
+    masked = run_cell(make_cfg("method=cfg", "method.negative=masked", "method.guidance_scale=1.3", "experiment_name=unit"))
+    assert masked == runs / "cfg" / "nl" / "guidance_scale=1.3"
+    spa_cell = run_cell(make_cfg("spa.omega=1.3", "experiment_name=unit"))
+    assert spa_cell == runs / "nl" / "omega=1.3", "SPA's cells keep their layout"
+
+    def programs(path):
+        return [(s["task_id"], s["completion"]) for s in read_lines(path / "samples.jsonl")]
+
+    assert programs(masked) == programs(spa_cell)
+
+    cad = run_cell(make_cfg("method=cad", "experiment_name=unit"))
+    assert cad == runs / "cad" / "nl" / "alpha=0.5"
+    assert json.loads((cad / "manifest.json").read_text())["method"] == {"name": "cad", "alpha": 0.5, "omega": 1.5}
+    for sample in read_lines(cad / "samples.jsonl"):
+        assert sample["n_masked_prompt_tokens"] < sample["n_prompt_tokens"], "the NL is deleted, not masked in place"
+
+
+def test_cad_deletes_exactly_the_anchored_text(make_cfg):
+    from eval.runner import load_tokenizer, plan_cell, prepare_inputs
+    from spa.masking import replace_spans
+
+    cfg = make_cfg("method=cad", "benchmark=mbpp")
+    plan = plan_cell(cfg)
+    assert plan.masking == "delete" and plan.omega == 1.5 and plan.settings["method"] == {"name": "cad", "alpha": 0.5}
+    tokenizer = load_tokenizer(cfg)
+    protocol, tasks, inputs = prepare_inputs(cfg, plan, ["Mbpp/2"], tokenizer)
+    task = inputs["Mbpp/2"]
+    deleted = replace_spans(task.prompt_text, task.anchor_spans, "")
+    assert task.anchored_text and task.masked_prompt_text == deleted
+    assert task.masked_input_ids == protocol.tokenize(deleted)[0] and len(task.masked_input_ids) < len(task.input_ids)
+
+
+@pytest.mark.parametrize("method", [["method=cfg", "method.guidance_scale=1"], ["method=cad", "method.alpha=0"]])
+def test_every_method_at_its_plain_strength_is_the_plain_models_cell(make_cfg, tmp_path, method):
+    from eval.runner import plan_cell
+
+    plain = plan_cell(make_cfg("spa.omega=1.0"))
+    plan = plan_cell(make_cfg(*method))
+    assert plan.path == plain.path == tmp_path / "runs" / "default" / "tiny" / "humaneval" / "evalplus" / "none" / "omega=1.0"
+    assert plan.settings == plain.settings, "one cell, one fingerprint, whichever method asks for it"
+    assert "method" not in plain.settings, "SPA's settings (and so its cells' fingerprints) are as before methods"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=cad", "spa.masking=token"], r"spa.masking='token' is a setting of SPA and has no effect with method=cad"),
+    (["method=cfg", "spa.modulated_by_prob=true"], "spa.modulated_by_prob=True is a setting of SPA"),
+    (["method=cad", "anchor=none"], "has nothing to take away from the prompt"),
+    (["method=cfg", "method.negative=masked", "anchor=none"], "or use method.negative=last_token"),
+    (["method=cfg", "method.negative=empty"], "method.negative='empty' is not a CFG negative prompt"),
+    (["method=cad", "method.alpha=abc"], "method.alpha must be a finite number, got 'abc'"),
+    (["method=cfg", "method.guidance_scale=inf"], "method.guidance_scale must be a finite number"),
+])
+def test_invalid_method_combinations(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        run_cell(make_cfg(*overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_masked_cfg_takes_spas_masking_settings(make_cfg):
+    from eval.runner import plan_cell
+
+    plan = plan_cell(make_cfg("method=cfg", "method.negative=masked", "spa.masking=attention"))
+    assert plan.masking == "attention" and plan.settings["spa"]["masking"] == "attention"
+
+
+def test_attention_runs_are_spa_only(tmp_path, model_cache, data_dir):
+    from eval.runner import run_attention_cell
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("attention", overrides=[f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}",
+                                              f"paths.data_dir={data_dir}", "method=cad"])
+    with pytest.raises(ConfigError, match="measures attention under SPA only"):
+        run_attention_cell(cfg)
