@@ -289,7 +289,7 @@ def prepare_inputs(cfg: DictConfig, plan: CellPlan, task_ids: list[str], tokeniz
 def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], omega: float, cfg: DictConfig, **kwargs) -> list[list[int]]:
     """``spa.decode`` on the protocol's views: explicit masked ids, or the anchor mask for attention masking."""
     if protocol.masking == "attention":
-        views = {"anchor_masks": [i.anchor_mask for i in inputs], "mask_token_id": 0, "masking": "attention"}
+        views = {"anchor_masks": [i.anchor_mask for i in inputs], "masking": "attention"}
     else:
         views = {"masked_prompts": [i.masked_input_ids for i in inputs]}
     return spa.decode(

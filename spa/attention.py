@@ -151,11 +151,12 @@ class _SelfAttentionRecorder:
 GRADIENT_TARGETS: tuple[str, ...] = ("chosen_logit", "top100_logit_sum")
 
 
-def _check_measurable(masking: str, gradient_target: str, text_level_view: bool) -> None:
+def _check_measurable(masking: str, gradient_target: str, text_level_view: bool, measures_gradient: bool = True) -> None:
     """The combined-logit gradient needs one embedding matrix for both views: the same length."""
     if gradient_target not in GRADIENT_TARGETS:
         raise ConfigError(f"Unknown gradient target {gradient_target!r}; use one of {', '.join(GRADIENT_TARGETS)}.")
-    if (validate_masking(masking) in TEXT_MASKING or text_level_view) and gradient_target == "chosen_logit":
+    text_level = validate_masking(masking) in TEXT_MASKING or text_level_view
+    if measures_gradient and text_level and gradient_target == "chosen_logit":
         raise ConfigError(
             "The gradient of the combined logit (gradient_target='chosen_logit') needs a masked view of the "
             f"prompt's own length, but masking={masking!r} gives the masked view other tokens. Use masking='token' "
@@ -331,7 +332,7 @@ def measure_attention(
             token) or ``"top100_logit_sum"`` (the authors' code: the sum of the original view's 100 largest
             logits, whatever ω chose).
     """
-    _check_measurable(masking, gradient_target if grad_every else "top100_logit_sum", masked_prompts is not None)
+    _check_measurable(masking, gradient_target, masked_prompts is not None, measures_gradient=grad_every is not None)
     if masked_prompts is not None and len(masked_prompts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(masked_prompts)} masked prompts")
     if not len(prompts) == len(anchor_masks) == len(task_ids):
