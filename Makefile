@@ -24,6 +24,9 @@ PYTEST_ARGS ?=
 # evalplus (EvalPlus-standard prompts, stops and releases). README "Protocols".
 PROTOCOL ?= authors
 SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) $(ARGS)
+# DRY_RUN=1: `make reproduce` prints its plan (jobs, cells, generations, what is done, GPU-hours) and runs nothing.
+DRY_RUN ?=
+PLAN = $(PY) scripts/plan.py protocol=$(PROTOCOL) $(ARGS)
 
 .PHONY: help install test bench demo reproduce baselines tables figures clean
 
@@ -50,20 +53,29 @@ bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)
 	$(PY) scripts/run.py -m +experiment=demo $(ARGS)
 	$(PY) scripts/run.py -m +experiment=demo_authors $(ARGS)
+	$(PY) scripts/pasta_profile.py model=tiny profile.limit=3 $(ARGS)
 	$(PY) scripts/run.py -m +experiment=demo_baselines $(ARGS)
 	$(PY) scripts/attention.py -m +experiment=demo_attention $(ARGS)
 	$(PY) scripts/aggregate.py
 
-reproduce: install  ## the paper's full grid (GPUs + internet; PROTOCOL=authors|evalplus; LAUNCHER=submitit_slurm)
+reproduce: install  ## the paper's full grid (GPUs + internet; PROTOCOL=authors|evalplus; LAUNCHER=submitit_slurm; DRY_RUN=1: its plan)
+ifeq ($(DRY_RUN),1)
+	$(PLAN) +experiment=omega_sweep +experiment=anchor_ablation
+	$(PLAN) --config-name attention +experiment=attention
+else
 	$(SWEEP) +experiment=omega_sweep
 	$(SWEEP) +experiment=anchor_ablation
 	$(PY) scripts/attention.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) +experiment=attention $(ARGS)
 	$(MAKE) tables figures
+endif
 
-baselines: install  ## SPA beside CFG and CAD: each method's strength grid on the paper's models (GPUs + internet)
+baselines: install  ## SPA beside CFG, CAD and PASTA: each method's strength grid on the paper's models (GPUs + internet)
 	$(SWEEP) +experiment=baselines_spa
 	$(SWEEP) +experiment=baselines_cfg
 	$(SWEEP) +experiment=baselines_cad
+	for model in codegen-350m-mono deepseek-coder-1.3b-instruct deepseek-coder-6.7b-instruct codellama-7b deepseek-coder-33b-instruct; do \
+	  $(PY) scripts/pasta_profile.py model=$$model quantization=8bit $(ARGS) || exit 1; done
+	$(SWEEP) +experiment=baselines_pasta
 	$(MAKE) tables figures
 
 tables: install  ## rebuild the paper's tables from results/runs -> results/tables/

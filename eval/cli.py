@@ -1,12 +1,14 @@
-"""What every entry point in scripts/ shares: config-group checks before Hydra, and exit code 2 on bad input.
+"""What every entry point in scripts/ shares: command-line checks before Hydra, and exit code 2 on bad input.
 
-Hydra reports an unknown config-group option (``model=gpt5``) with a traceback-like message and exit
-code 1; the harness promises one paragraph naming the value and the fix, and exit code 2, so the
-group choices on the command line are checked first.
+Hydra reports an unknown config-group option (``model=gpt5``) or key (``omega=1.3``) with a traceback-like
+message and exit code 1, and adds an unknown ``+key=value`` that nothing then reads; the harness promises one
+paragraph naming the value and the fix, and exit code 2, so the command line is checked first. Ctrl-C ends a
+run with one line instead of a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from collections.abc import Callable
@@ -14,11 +16,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval.errors import HarnessError
+from eval.errors import HarnessError, Interrupted
+from eval.experiments.settings import project_path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CHECKED_GROUPS = ("model", "benchmark", "anchor", "protocol", "method", "spa", "generation", "quantization", "paths", "executor",
                   "experiment")
+INTERRUPTED = "interrupted: every finished batch is kept; rerun the same command to resume."
+# hydra.sweep.dir uses it, so that sweep logs land in the project's results/ wherever the command runs.
+OmegaConf.register_new_resolver("project_path", lambda path: str(project_path(path)), replace=True)
 
 
 def group_options(group: str) -> list[str]:
@@ -67,25 +73,82 @@ def check_group_overrides(argv: list[str]) -> None:
                 )
 
 
+def _is_setting(key: str) -> bool:
+    """Whether an override's key names a config value (``limit``, ``spa.omega``), not a group or Hydra's own."""
+    key = key.lstrip("+")
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")) or "/" in key:
+        return False
+    return "." in key or not (CONFIG_DIR / key).is_dir()
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    return [name for k, v in node.items() for name in ([f"{prefix}{k}"] + (_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else []))]
+
+
+def check_unknown_keys(config_name: str, argv: list[str]) -> None:
+    """Raise for a ``key=value`` or ``+key=value`` that no key of config ``config_name`` (with the command line's
+    group choices) holds: Hydra refuses the first with a raw struct error, and adds the second for nothing to read."""
+    arguments = [a for a in argv if not a.startswith("-") and "=" in a]
+    settings = [a for a in arguments if not a.startswith("~") and "@" not in a and _is_setting(a.partition("=")[0])]
+    if not settings:
+        return
+    from hydra import compose, initialize_config_dir
+
+    choices = [f"{key}={(_choices(value) or [value])[0]}" for key, _, value in (a.partition("=") for a in arguments)
+               if not key.startswith("~") and not key.lstrip("+").startswith("hydra") and not _is_setting(key)]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            config = OmegaConf.to_container(compose(config_name, overrides=choices))
+    except Exception:  # noqa: BLE001 - a composition error is Hydra's to report, with its own message
+        return
+    known = _keys(config)
+    for argument in settings:
+        key = argument.partition("=")[0].lstrip("+")
+        if key in known:
+            continue
+        leaf = key.rpartition(".")[2]
+        near = [k for k in known if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(key, known, n=3)
+        listed = ", ".join(f"{k}.*" if isinstance(v, dict) else k for k, v in config.items())
+        hint = f" Did you mean {' or '.join(near)}?" if near else ""
+        raise HarnessError(
+            f"Unknown setting {key!r} (from {argument!r}): no key of configs/{config_name}.yaml holds it, so the run "
+            f"would ignore it.{hint} Known keys: {listed} (`--cfg job` prints them all with their values)."
+        )
+
+
 def exit_on_harness_error(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """Wrap a Hydra task function: a HarnessError exits 2 with its message (Hydra would print a trace, exit 1)."""
+    """Wrap a Hydra task function: a HarnessError exits 2 with its message (Hydra would print a trace, exit 1), and
+    Ctrl-C exits 130 with one line."""
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig):
         try:
             return task(cfg)
+        except Interrupted as error:
+            print(error, file=sys.stderr)
+            sys.exit(error.exit_code)
         except HarnessError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(Interrupted.exit_code)
 
     return wrapper
 
 
-def run_main(hydra_main: Callable[[], None]) -> None:
-    """Check the command line's config-group choices, then run the Hydra main."""
+def run_main(hydra_main: Callable[[], None], config_name: str | None = None) -> None:
+    """Check the command line's config-group choices (and, given the main's ``config_name``, its keys), then run
+    the Hydra main."""
     try:
         check_group_overrides(sys.argv[1:])
+        if config_name:
+            check_unknown_keys(config_name, sys.argv[1:])
     except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # in the launcher, between or around jobs
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(Interrupted.exit_code)

@@ -1,5 +1,5 @@
 """Matplotlib figures of the aggregator: Figure 4 (Pass@1 vs omega), the attention-dilution
-Figures 2 and 3 (plus omega = 1 versus SPA) and Pass@1 against each method's strength (SPA, CFG, CAD).
+Figures 2 and 3 (plus omega = 1 versus SPA) and Pass@1 against each method's strength (SPA, CFG, CAD, PASTA).
 
 Functions take tidy frames built by ``eval.report`` (one protocol's data per figure; the caller names
 the files ``<stem>-<protocol>``) and return a ``Figure``; ``render`` turns it
@@ -87,7 +87,7 @@ def method_strength_figure(
             ax.grid(alpha=0.3)
         axes[row][0].set_ylabel("Pass@1 (%)")
     for ax in axes[-1]:
-        ax.set_xlabel("weight on the prompt: ω, γ, 1 + α")
+        ax.set_xlabel("weight on the prompt: ω, γ, 1 + α (CAD); PASTA: α")
     if title:
         figure.suptitle(title)
     _legend_below(figure, list(axes.flat))

@@ -1,6 +1,6 @@
-"""Decoding methods on the one two-view engine: SPA and the baselines beside it (README "Methods").
+"""Decoding methods on the one engine: SPA and the baselines beside it (README "Methods").
 
-Every method decodes with ``logits = c * f(x) + (1 - c) * f(x')`` through :func:`spa.decode` (both views of a
+Every method but PASTA decodes with ``logits = c * f(x) + (1 - c) * f(x')`` through :func:`spa.decode` (both views of a
 batch in one forward per step). They differ only in the second view ``x'`` and in how their own strength sets
 ``c``, the weight on the full prompt ``x``:
 
@@ -12,6 +12,8 @@ cfg     ``method.guidance_scale`` = g   g        the last prompt token (``negati
                                                  transformers uses without a negative prompt), or the
                                                  protocol's masked view (``negative: masked``)
 cad     ``method.alpha`` = a            1 + a    the prompt with the anchored text deleted
+pasta   ``method.alpha`` = a            (a)      none: one view, whose attention to the prompt outside the
+                                                 anchored text is scaled by a on ``method.heads`` (spa.pasta)
 ======  ==============================  =======  ==========================================================
 
 transformers' CFG (``UnbatchedClassifierFreeGuidanceLogitsProcessor``) combines log-softmaxed scores,
@@ -23,17 +25,21 @@ combination (in float32) is therefore each method exactly; tests/test_engine.py 
 against transformers' own ``generate(guidance_scale=..., negative_prompt_ids=...)``.
 
 c = 1 is the plain model whatever the method: such a cell IS the plain model's cell (``<protocol>/none/omega=1.0``),
-computed once and shared by every method.
+computed once and shared by every method. PASTA has no second view and no c; its cell's weight (``omega`` in its
+manifest, the key of its strength grid in the tables) is alpha itself, which is 1 for the plain model too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from eval.errors import ConfigError
+from eval.experiments.settings import project_path
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,16 @@ CFG = MethodSpec("cfg", "CFG", "guidance_scale", 0.0, "negative prompt",
 # top-p 0.9) and 2_-1 (a = 1, NQ-Swap knowledge conflicts, greedy).
 CAD = MethodSpec("cad", "CAD", "alpha", 1.0, "anchored text deleted",
                  "Shi et al. 2023, arXiv:2305.14739; github.com/xhan77/context-aware-decoding")
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (SPA, CFG, CAD)}
+# Zhang et al. 2023 ("Tell Your Model Where to Attend", arXiv:2311.02262; github.com/QingruZhang/PASTA, pastalib):
+# on the selected heads, log(alpha) is added to the attention scores of the prompt tokens outside the emphasized
+# (here: anchored) text (pastalib's scale_position="exclude"; the paper's alpha = 0.01). One view: spa.pasta.
+PASTA = MethodSpec("pasta", "PASTA", "alpha", 0.0, "NL emphasized",
+                   "Zhang et al. 2023, arXiv:2311.02262; github.com/QingruZhang/PASTA")
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (SPA, CFG, CAD, PASTA)}
 CFG_NEGATIVES: tuple[str, ...] = ("last_token", "masked")
+HEAD_PROFILE_FORMAT = "spa-harness/pasta-heads/1"  # what scripts/pasta_profile.py writes
+# The model settings a head profile must share with the model it steers.
+PROFILE_MODEL_KEYS: tuple[str, ...] = ("name", "hf_id", "revision")
 # SPA's settings (configs/spa/) at their defaults: another method must leave them there.
 SPA_DEFAULTS: dict[str, object] = {"omega": "paper", "masking": None, "modulated_by_prob": False, "mask_token": None}
 
@@ -79,6 +93,8 @@ class Method:
     spec: MethodSpec
     strength: float
     negative: str | None = None  # cfg: last_token | masked
+    heads: str | dict | None = None  # pasta: "all", {"last_k_layers": k} or {layer: [head, ...]} (spa.pasta.resolve_heads)
+    heads_profile: str | None = None  # pasta: the head profile file the heads come from
 
     @property
     def name(self) -> str:
@@ -103,6 +119,11 @@ class Method:
         ignores the anchors (whatever is anchored, it is the same cell); else the anchor condition."""
         if self.is_plain or not self.uses_anchor:
             return "none"
+        if condition == "none" and self.spec is PASTA:
+            raise ConfigError(
+                f"method={self.describe()} with anchor=none has no text to emphasize: PASTA scales the attention to the "
+                "prompt outside the anchored text. Anchor the text it should emphasize (anchor=nl)."
+            )
         if condition == "none" and self.spec is not SPA:
             raise ConfigError(
                 f"method={self.describe()} with anchor=none has nothing to take away from the prompt: its second view "
@@ -125,10 +146,13 @@ class Method:
     def settings(self) -> dict[str, object]:
         """What identifies the method in a cell's configuration (its fingerprint and manifest)."""
         negative = {"negative": self.negative} if self.spec is CFG else {}
-        return {"name": self.name, self.spec.parameter: self.strength, **negative}
+        heads = {"heads": self.heads, **({"heads_profile": self.heads_profile} if self.heads_profile else {})} if self.spec is PASTA else {}
+        return {"name": self.name, self.spec.parameter: self.strength, **negative, **heads}
 
     def describe(self) -> str:
         details = f", method.negative={self.negative}" if self.spec is CFG else ""
+        if self.spec is PASTA:
+            details = f", method.heads={self.heads_profile or json.dumps(self.heads)}"
         return f"{self.name} ({self.spec.parameter}={self.strength:g}{details})"
 
 
@@ -152,8 +176,56 @@ def _unused_spa_setting(method: Method, spa: Mapping[str, object]) -> str | None
     return None
 
 
-def resolve_method(method: Mapping[str, object], spa: Mapping[str, object], spa_omega: Callable[[], float]) -> Method:
-    """The method of a run config (``cfg.method``, ``cfg.spa``); ``spa_omega()`` resolves SPA's omega.
+def load_head_profile(path: str | Path, model: Mapping[str, object]) -> dict:
+    """The head set of a profile written by scripts/pasta_profile.py (a relative ``path`` is taken from the project
+    root), checked to be ``model``'s (its config)."""
+    try:
+        profile = json.loads(project_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"PASTA head profile {str(path)!r} does not exist. Profile the model first (python scripts/pasta_profile.py "
+            f"model={model.get('name')}), or steer without a profile: method.heads=all or method.heads={{last_k_layers: 4}}."
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"PASTA head profile {str(path)!r} is unreadable ({error}); write it again with scripts/pasta_profile.py.") from None
+    if not isinstance(profile, dict) or profile.get("format") != HEAD_PROFILE_FORMAT or not isinstance(profile.get("heads"), dict):
+        raise ConfigError(
+            f"{str(path)!r} is not a PASTA head profile of this harness (format {HEAD_PROFILE_FORMAT!r}, with the model "
+            "it was made for); write one with scripts/pasta_profile.py, or use method.heads=all."
+        )
+    made_for = {key: (profile.get("model") or {}).get(key) for key in PROFILE_MODEL_KEYS}
+    wanted = {key: model.get(key) for key in PROFILE_MODEL_KEYS}
+    if made_for != wanted:
+        raise ConfigError(
+            f"PASTA head profile {str(path)!r} was made for model {made_for}, not for this run's {wanted}: heads are "
+            f"chosen per model. Profile this one (python scripts/pasta_profile.py model={model.get('name')}) and point "
+            "method.heads at its file."
+        )
+    return profile["heads"]
+
+
+def _pasta_heads(heads: object, model: Mapping[str, object]) -> tuple[str | dict, str | None]:
+    """(head set, profile path) of ``method.heads``: "all", {last_k_layers: k} (checked against the model when it is
+    loaded) or a profile's path."""
+    if heads == "all":
+        return heads, None
+    if isinstance(heads, Mapping) and set(heads) == {"last_k_layers"}:
+        k = heads["last_k_layers"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"method.heads.last_k_layers={k!r} must be a number of layers >= 1, e.g. method.heads={{last_k_layers: 4}}.")
+        return dict(heads), None
+    if isinstance(heads, str) and heads.endswith(".json"):
+        return load_head_profile(heads, model), heads
+    raise ConfigError(
+        f"method.heads={heads!r} is not a PASTA head set. Use all (every head), {{last_k_layers: k}} (every head of "
+        "the last k layers) or the path of a head profile (.json) written by scripts/pasta_profile.py."
+    )
+
+
+def resolve_method(method: Mapping[str, object], spa: Mapping[str, object], spa_omega: Callable[[], float],
+                   model: Mapping[str, object] | None = None) -> Method:
+    """The method of a run config (``cfg.method``, ``cfg.spa``); ``spa_omega()`` resolves SPA's omega; ``model`` (the
+    model's config) is what a PASTA head profile must have been made for.
 
     Raises a one-paragraph ``ConfigError`` for an unknown method, a setting the method does not have, a
     strength that is not a number, or one of SPA's settings changed for another method (it would be ignored).
@@ -163,21 +235,30 @@ def resolve_method(method: Mapping[str, object], spa: Mapping[str, object], spa_
     if spec is None:
         raise ConfigError(
             f"Unknown method {name!r}. Use method=spa (the default: Selective Prompt Anchoring, strength spa.omega), "
-            "method=cfg (classifier-free guidance, method.guidance_scale) or method=cad (context-aware decoding, "
-            "method.alpha); configs/method/ holds one file per method."
+            "method=cfg (classifier-free guidance, method.guidance_scale), method=cad (context-aware decoding, "
+            "method.alpha) or method=pasta (attention steering, method.alpha, method.heads); configs/method/ holds one "
+            "file per method."
         )
-    own = {"name"} | ({spec.parameter} if spec is not SPA else set()) | ({"negative"} if spec is CFG else set())
+    own = ({"name"} | ({spec.parameter} if spec is not SPA else set()) | ({"negative"} if spec is CFG else set())
+           | ({"heads"} if spec is PASTA else set()))
     unknown = sorted(set(method) - own)
     if unknown:
         raise ConfigError(
             f"method={name} has no setting {', '.join(f'method.{k}' for k in unknown)}; its settings are "
             f"{', '.join(f'method.{k}' for k in sorted(own))}. Each method has its own strength: spa.omega (SPA), "
-            "method.guidance_scale (CFG), method.alpha (CAD)."
+            "method.guidance_scale (CFG), method.alpha (CAD, PASTA)."
         )
     if spec is SPA:
         return Method(SPA, spa_omega())
-    strength = _finite(method.get(spec.parameter), f"method.{spec.parameter}", "1.5" if spec is CFG else "0.5")
-    negative = None
+    strength = _finite(method.get(spec.parameter), f"method.{spec.parameter}", {CFG: "1.5", PASTA: "0.01"}.get(spec, "0.5"))
+    negative = heads = profile = None
+    if spec is PASTA:
+        if strength <= 0:
+            raise ConfigError(
+                f"method.alpha={strength:g} must be > 0 for PASTA: log(alpha) is added to the attention scores outside the "
+                "anchored text. Use 0 < alpha < 1 to steer (the paper: method.alpha=0.01); 1 is the plain model."
+            )
+        heads, profile = _pasta_heads(method.get("heads"), model or {})
     if spec is CFG:
         negative = method.get("negative")
         if negative not in CFG_NEGATIVES:
@@ -186,12 +267,14 @@ def resolve_method(method: Mapping[str, object], spa: Mapping[str, object], spa_
                 "what transformers uses when no negative prompt is given) or masked (the protocol's masked view of "
                 "the anchored text, which makes CFG the same decoding as SPA at omega = guidance_scale)."
             )
-    resolved = Method(spec, strength, negative)
+    resolved = Method(spec, strength, negative, heads, profile)
     key = _unused_spa_setting(resolved, spa)
     if key is not None:
+        view = {"last prompt token": "whose second view is the last prompt token",
+                PASTA.second_view: "which decodes one view, the anchored text emphasized"}
+        what = view.get(spec.second_view if resolved.uses_anchor else "last prompt token", f"whose second view is the {spec.second_view}")
         raise ConfigError(
-            f"spa.{key}={spa.get(key)!r} is a setting of SPA and has no effect with method={resolved.describe()}, "
-            f"whose second view is the {'last prompt token' if not resolved.uses_anchor else spec.second_view}. "
+            f"spa.{key}={spa.get(key)!r} is a setting of SPA and has no effect with method={resolved.describe()}, {what}. "
             f"Remove spa.{key} (method={name}'s strength is method.{spec.parameter}), or use method=spa."
         )
     return resolved

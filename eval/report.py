@@ -82,6 +82,7 @@ METHOD_VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("cfg", BASELINE_ANCHOR, "last prompt token"),
     ("cfg", SPA_ANCHOR, "NL masked"),
     ("cad", SPA_ANCHOR, "NL deleted"),
+    ("pasta", SPA_ANCHOR, "NL emphasized"),  # one view; its weight is alpha (attention kept outside the NL)
 )
 ATTENTION_EXPERIMENT = "attention"
 ATTENTION_KINDS: dict[str, tuple[str, str]] = {  # kind -> (steps field, share field) in attention.jsonl
@@ -147,11 +148,11 @@ class Cell:
     benchmark: str
     protocol: str
     anchor: str
-    omega: float  # the weight on the full prompt: SPA's omega, CFG's guidance_scale, 1 + CAD's alpha; 1 = plain model
+    omega: float  # the weight on the full prompt: SPA's omega, CFG's guidance_scale, 1 + CAD's alpha (PASTA: its alpha); 1 = plain model
     path: Path
     fingerprint: str  # protocol, model, generation settings, dataset hash: equal ones may share a baseline
     scores: pd.DataFrame  # index task_id; the benchmark's two table columns; per-task pass rate in [0, 1]
-    method: str = "spa"  # eval.methods: spa, cfg, cad
+    method: str = "spa"  # eval.methods: spa, cfg, cad, pasta
     strength: float = math.nan  # the method's own strength (its directory leaf): omega, guidance_scale or alpha
 
 
@@ -1435,7 +1436,7 @@ def _method_outputs(ctx: Context, what: str, tables_dir: Path, figures_dir: Path
     """The method comparison (table ``methods``) and Pass@1 against strength (``methods_strength``: its data
     and one figure per protocol), when any method besides SPA has cells."""
     if not any(method != SPA.name for method, _, _ in methods_run(ctx.runs)):
-        outputs.notes.append("methods and methods_strength skipped: no cells of method=cfg or method=cad")
+        outputs.notes.append("methods and methods_strength skipped: no cells of method=cfg, cad or pasta")
         return
     data = build_methods_strength_data(ctx)
     if what in ("all", "tables"):

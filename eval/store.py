@@ -6,8 +6,9 @@ SPA adds its name after the protocol: ``.../<protocol>/<method>/<anchor>/<parame
 ``samples.jsonl`` (EvalPlus format plus our fields, appended one task at a time and fsynced),
 ``eval_results.json`` and ``manifest.json`` (written atomically). A cell directory belongs to one
 configuration: its fingerprint (everything that changes the samples) is kept in the manifest, and a
-different configuration pointed at it is refused. An exclusive lock keeps two processes (SLURM jobs)
-from writing one cell.
+different configuration pointed at it is refused. An experiment's cell links its ``samples.jsonl`` to the shared
+generation of its settings (``results/cells/<key>/``, the same kind of directory). An exclusive lock keeps two
+processes (SLURM jobs) from writing one directory: the second waits for the first, then reuses what it wrote.
 """
 
 from __future__ import annotations
@@ -146,11 +147,9 @@ class Cell:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
-            raise HarnessError(
-                f"Cell {self.path} is being written by another process (its .lock is held). Wait for that "
-                "run to finish; rerunning afterwards resumes or skips the cell."
-            ) from None
+            # Another job is writing it; what it writes is what this job would write, so wait and reuse it.
+            print(f"waiting for {self.path}: another job is writing it", file=sys.stderr, flush=True)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)  # the kernel releases it when that job ends, even if killed
         return self
 
     def __exit__(self, *exc) -> None:
@@ -207,6 +206,22 @@ class Cell:
                 ) from None
             good_bytes += len(line) + 1
         return samples
+
+    def link_records(self, target: Path) -> None:
+        """Make this cell's records file a relative symlink to ``target`` (a shared generation's), atomically."""
+        link = self.records_path
+        relative = Path(os.path.relpath(target, link.parent))
+        if link.is_symlink() and Path(os.readlink(link)) == relative:
+            return
+        if link.exists() and not link.is_symlink():
+            raise HarnessError(
+                f"{link} holds its own samples (a cell written before generations were shared), so it is not "
+                "replaced by a link. Move the cell directory away to keep it, or rerun with force=true to discard it."
+            )
+        tmp = link.with_name(f".{link.name}.link{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(relative)
+        os.replace(tmp, link)
 
     def append_records(self, records: Iterable[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -1,4 +1,4 @@
-"""Decoding throughput of every method: plain greedy, SPA, CFG and CAD on this engine, transformers' CFG and the
+"""Decoding throughput of every method: plain greedy, SPA, CFG, CAD and PASTA on this engine, transformers' CFG and the
 authors' `anchoring` package.
 
 All run side by side in one process on the same random-weight DeepSeek-Coder-shaped Llama, the same prompts
@@ -8,6 +8,7 @@ each method. Rows of another implementation of the same decoding are compared to
 engine's (transformers' CFG with the masked prompt as negative = SPA; without a negative prompt = the engine's
 CFG with the last prompt token; `anchoring` = SPA). The engine also runs with a masked view of another length
 (``spa_engine_shorter_view``: the anchored stretch replaced by one mask token, as ``masking="replace"`` makes it).
+PASTA (``pasta_engine``) steers every head of every layer, the most it can cost (its bias is built per steered layer).
 
     python scripts/bench_decoding.py                      # CPU preset (make bench) -> results/bench/decoding.json
     python scripts/bench_decoding.py --preset gpu-1.3b    # on a GPU: DeepSeek-Coder-1.3B shape, bf16
@@ -55,6 +56,7 @@ MASK_ID = 32014  # DeepSeek-Coder's <pad>, the authors' mask token for it
 OMEGA = 1.3
 GUIDANCE_SCALE = 1.5  # CFG's default (configs/method/cfg.yaml)
 ALPHA = 0.5  # CAD's default (configs/method/cad.yaml)
+PASTA_ALPHA = 0.01  # PASTA's default (configs/method/pasta.yaml)
 
 
 def make_prompts(batch: int, prompt_tokens: int, seed: int):
@@ -109,6 +111,11 @@ def run_engine_cad(model, prompts, masks, new_tokens):
     return spa.decode(model, prompts, omega=1 + ALPHA, masked_prompts=deleted, max_new_tokens=new_tokens)
 
 
+def run_engine_pasta(model, prompts, masks, new_tokens):
+    """PASTA: one view, the attention outside the anchored stretch scaled by alpha on every head."""
+    return spa.pasta.decode(model, prompts, masks, alpha=PASTA_ALPHA, heads="all", max_new_tokens=new_tokens)
+
+
 def run_cfg_last_token(model, prompts, masks, new_tokens):
     """transformers' own CFG without a negative prompt: its unconditional branch starts from the last prompt token."""
     ids, attention = left_padded(prompts, model.device)
@@ -140,7 +147,7 @@ def run_official(model, prompts, masks, new_tokens):
 
 
 METHODS = {"plain_greedy": run_plain, "spa_engine": run_engine, "spa_engine_shorter_view": run_engine_shorter_view,
-           "cfg_engine": run_engine_cfg, "cad_engine": run_engine_cad, "transformers_cfg": run_cfg,
+           "cfg_engine": run_engine_cfg, "cad_engine": run_engine_cad, "pasta_engine": run_engine_pasta, "transformers_cfg": run_cfg,
            "transformers_cfg_last_token": run_cfg_last_token, "anchoring_0.1.0": run_official}
 # Other implementations of one of the engine's decodings -> that decoding; compared with it token for token.
 REFERENCES = {"transformers_cfg": "spa_engine", "anchoring_0.1.0": "spa_engine", "transformers_cfg_last_token": "cfg_engine"}
@@ -224,6 +231,8 @@ def main() -> None:
         "omega": OMEGA,
         "guidance_scale": GUIDANCE_SCALE,
         "alpha": ALPHA,
+        "pasta_alpha": PASTA_ALPHA,
+        "pasta_heads": "all",
         "prompt_tokens": preset["prompt_tokens"],
         "new_tokens": new_tokens,
         "repeats": repeats,

@@ -1,7 +1,7 @@
 """Executor benchmark: the sandboxed executor vs EvalPlus's own evaluator, same machine, same run.
 
 Times the evaluation of every canonical solution (164 HumanEval+, 378 MBPP+) by
-``eval.evaluate.evaluate_samples`` and by ``evalplus.evaluate.evaluate`` with the same parallelism,
+``eval.execution.evaluate.evaluate_samples`` and by ``evalplus.evaluate.evaluate`` with the same parallelism,
 each in a fresh process, both with a cold ground-truth cache (expected outputs computed first) and
 a warm one (the comparison that matters: the target is a warm ratio of at most 1.5). Warm runs are
 repeated and interleaved, and the fastest of each is kept, so that load from other processes
@@ -35,7 +35,7 @@ MARK = "BENCH_RESULT "
 OURS = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from eval.evaluate import evaluate_samples, load_samples
+from eval.execution.evaluate import evaluate_samples, load_samples
 started = time.perf_counter()
 results = evaluate_samples({benchmark!r}, load_samples({samples!r}), cache_dir={cache!r}, n_workers={n_workers}, progress=False)
 seconds = time.perf_counter() - started

@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from eval.cli import exit_on_harness_error, run_main
 from eval.errors import ConfigError
-from eval.evaluate import PHASES, evaluate_samples, executor_settings, load_samples, write_eval_results
+from eval.execution.evaluate import PHASES, evaluate_samples, executor_settings, load_samples, write_eval_results
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")

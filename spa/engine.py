@@ -50,6 +50,9 @@ StopRule = Callable[[int, int, int], bool]
 # [sequence 0 view 0, sequence 0 view 1, sequence 1 view 0, ...], columns as spa.views lays them out (a
 # masked view of another length than its prompt has a hole after the shared prefix). Used by spa.attention.
 StepObserver = Callable[[int, Any, list[tuple[int, int]], tuple[str, ...]], None]
+# Called before every model forward with (the (prompt index, sample index) of each row, the rows' attention mask
+# over every column so far, 2D, 1 = a real token the row attends to). Used by spa.pasta to lay out its steering.
+ForwardPreparer = Callable[[list[tuple[int, int]], torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ def decode(
     progress: bool = False,
     observer: StepObserver | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    before_forward: ForwardPreparer | None = None,
     **sampling,
 ) -> list[list[int]]:
     """Decode every prompt with SPA and return the new ids of each (no prompt, no padding).
@@ -202,6 +206,7 @@ def decode(
         stop_rule: ``stop_rule(prompt_index, sample_index, token_id) -> bool``, see :data:`StopRule`.
         observer, forward_kwargs: instrumentation (see :data:`StepObserver`); ``forward_kwargs`` go to
             every model forward, e.g. ``{"output_attentions": True}``.
+        before_forward: called before every model forward, see :data:`ForwardPreparer`.
         **sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_samples``
             (samples per prompt; the result then holds ``num_samples`` entries per prompt, prompt-major).
     """
@@ -249,6 +254,7 @@ def decode(
             sampling=config,
             observer=observer,
             forward_kwargs=dict(forward_kwargs or {}),
+            before_forward=before_forward,
         )
         for i, ids in zip(members, decoded):
             results[i] = ids
@@ -364,6 +370,7 @@ def _decode_chunk(
     sampling: Sampling,
     observer: StepObserver | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    before_forward: ForwardPreparer | None = None,
 ) -> list[list[int]]:
     device = model_device(model)
     n = len(prompts)
@@ -384,6 +391,8 @@ def _decode_chunk(
 
     def forward(step: int, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One step over all rows -> float32 scores of each active sequence."""
+        if before_forward is not None:
+            before_forward([sequence_keys[i] for i in active.tolist() for _ in views], mask)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
         outputs = model.base_model(**kwargs) if fused_head else model(**kwargs, **logits_to_keep)
         if observer is not None:
@@ -403,6 +412,8 @@ def _decode_chunk(
     shared = batch.shared
     if shared > 0:
         first = batch.rows(views[0])
+        if before_forward is not None:
+            before_forward(sequence_keys, batch.attention_mask[first, :shared])
         model.base_model(input_ids=batch.input_ids[first, :shared], attention_mask=batch.attention_mask[first, :shared],
                          position_ids=batch.position_ids[first, :shared], past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n_views)

@@ -7,10 +7,12 @@ saved to disk so that they go through the very same :func:`load_model` path as a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -131,8 +133,9 @@ def build_tiny_model(
 ) -> Path:
     """Save a random-weight model of ``architecture`` with the tokenizer of ``tokenizer_dir`` to ``out_dir``.
 
-    Idempotent: an existing folder built from the same recipe is reused. Its outputs are meaningless
-    by design; it exists to run the whole pipeline offline.
+    Idempotent: an existing folder built from the same recipe is reused. Safe for parallel jobs: one builds
+    it under a lock beside the folder (the others wait, then reuse it) and renames it into place, so no job
+    ever sees half a model. Its outputs are meaningless by design; it exists to run the whole pipeline offline.
     """
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir)
@@ -144,8 +147,25 @@ def build_tiny_model(
     recipe = {"architecture": architecture, "seed": seed, "overrides": overrides, "tokenizer": tokenizer_dir.name}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     stamp = out_dir / "tiny_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest:
+
+    def built() -> bool:  # the stamp is written last and renamed in with the folder: present means complete
+        return stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest
+
+    if built():
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {out_dir}: another job is building it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built():
+            _build_tiny(out_dir, tokenizer_dir, architecture, seed, overrides, {"digest": digest, **recipe})
+    return out_dir
+
+
+def _build_tiny(out_dir: Path, tokenizer_dir: Path, architecture: str, seed: int, overrides: dict, stamp: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # Round the vocabulary up as real checkpoints do (DeepSeek-Coder: 32022 tokens, 32256 rows).
     vocab_size = -(-len(tokenizer) // 64) * 64
@@ -155,13 +175,16 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     # Built beside the target and renamed into place, so concurrent jobs never see half a model.
     tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build under the same pid
     model.save_pretrained(tmp)
     # The tokenizer files are copied verbatim: re-saving through transformers 5 drops settings such as
     # DeepSeek-Coder's add_bos_token.
     for file in tokenizer_dir.iterdir():
         if file.is_file():
             shutil.copy2(file, tmp / file.name)
-    (tmp / "tiny_recipe.json").write_text(json.dumps({"digest": digest, **recipe}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
+    (tmp / "tiny_recipe.json").write_text(json.dumps(stamp, indent=2))
+    if out_dir.exists():  # another recipe's model: moved aside first, since a folder cannot replace a full one
+        old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
+        os.replace(out_dir, old)
+        shutil.rmtree(old)
     os.replace(tmp, out_dir)
-    return out_dir

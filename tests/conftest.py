@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eval.benchmarks.data import load_tasks
-from eval.evaluate import evaluate_samples
+from eval.execution.evaluate import evaluate_samples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -52,8 +52,8 @@ def tiny_model(request):
     return make_tiny_model(request.param)
 
 
-def canonical_samples(benchmark: str) -> list[dict]:
-    return [{"task_id": t, "solution": task["prompt"] + task["canonical_solution"]} for t, task in load_tasks(benchmark).items()]
+def canonical_samples(benchmark: str, version: str | None = None) -> list[dict]:
+    return [{"task_id": t, "solution": task["prompt"] + task["canonical_solution"]} for t, task in load_tasks(benchmark, version=version).items()]
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ PAPER_MODELS = ["codegen-350m-mono", "deepseek-coder-1.3b-instruct", "deepseek-c
 # Presets of scripts/attention.py compose with its primary config; the others with scripts/run.py's.
 ATTENTION_PRESETS = {"attention", "demo_attention"}
 # Presets that add cells to another preset's experiment (a method's grid, the demo's baseline cells).
-SHARED_EXPERIMENTS = {"baselines_spa": "baselines", "baselines_cfg": "baselines", "baselines_cad": "baselines",
+SHARED_EXPERIMENTS = {"baselines_spa": "baselines", "baselines_cfg": "baselines", "baselines_cad": "baselines", "baselines_pasta": "baselines",
                       "demo_baselines": "demo"}
 
 
@@ -35,7 +35,7 @@ def test_groups_hold_the_papers_settings():
     assert set(group_options("anchor")) == set(ANCHOR_CONDITIONS)
     assert set(group_options("benchmark")) == {"humaneval", "mbpp"}
     assert set(group_options("experiment")) >= {"table1", "omega_sweep", "anchor_ablation", "attention", "demo", "baselines"}
-    assert set(group_options("method")) == {"spa", "cfg", "cad"}
+    assert set(group_options("method")) == {"spa", "cfg", "cad", "pasta"}
 
 
 @pytest.mark.parametrize("model", PAPER_MODELS + ["tiny"])

@@ -14,8 +14,8 @@ import pytest
 
 from eval.benchmarks.data import load_tasks
 from eval.errors import HarnessError
-from eval.evaluate import GroundTruth, evaluate_samples, load_samples, write_eval_results
-from eval.sandbox import Sandbox
+from eval.execution.evaluate import GroundTruth, evaluate_samples, load_samples, write_eval_results
+from eval.execution.sandbox import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("humaneval", "mbpp")
@@ -24,6 +24,7 @@ BENCHMARKS = ("humaneval", "mbpp")
 @pytest.mark.slow
 @pytest.mark.parametrize("benchmark", BENCHMARKS)
 def test_canonical_solutions_pass_every_base_and_plus_test(benchmark, ground_truth_cache):
+    """164/164 HumanEval+ v0.1.10 and 378/378 MBPP+ v0.2.0, base and plus."""
     results = ground_truth_cache[1](benchmark)
     n_tasks = len(load_tasks(benchmark))
     failing = {t: e for t, es in results["tasks"].items() for e in es if (e["base_status"], e["plus_status"]) != ("pass", "pass")}
@@ -33,6 +34,47 @@ def test_canonical_solutions_pass_every_base_and_plus_test(benchmark, ground_tru
     assert results["status_counts"]["plus"] == {"pass": n_tasks, "fail": 0, "timeout": 0, "error": 0}
     if benchmark == "humaneval":  # EvalPlus 0.3.1 fails this canonical solution (find_zero oracle bug)
         assert results["tasks"]["HumanEval/32"][0]["plus_status"] == "pass"
+
+
+@pytest.mark.slow
+def test_canonical_solutions_of_mbpp_plus_v010_pass(ground_truth_cache):
+    """The release the paper's authors used: 399/399."""
+    from tests.conftest import canonical_samples
+
+    cache_dir, _ = ground_truth_cache
+    samples = canonical_samples("mbpp", "v0.1.0")
+    results = evaluate_samples("mbpp", samples, cache_dir=cache_dir, progress=False, dataset_version="v0.1.0")
+    assert results["n_tasks"] == len(samples) == 399
+    assert results["status_counts"]["plus"] == {"pass": 399, "fail": 0, "timeout": 0, "error": 0}
+
+
+def test_only_the_tasks_present_get_expected_outputs_computed(tmp_path):
+    tasks = load_tasks("humaneval")
+    sample = lambda t: {"task_id": t, "solution": tasks[t]["prompt"] + tasks[t]["canonical_solution"]}  # noqa: E731
+    evaluate_samples("humaneval", [sample("HumanEval/0"), sample("HumanEval/53")], cache_dir=tmp_path, progress=False, n_workers=1)
+    (path,) = tmp_path.glob("*.gt")
+    from eval.execution.groundtruth import cached_task_ids
+
+    cached = lambda: cached_task_ids(path)  # noqa: E731
+    assert cached() == {"HumanEval/0", "HumanEval/53"}
+    results = evaluate_samples("humaneval", [sample("HumanEval/2"), sample("HumanEval/53")], cache_dir=tmp_path, progress=False, n_workers=1)
+    assert results["pass@1"] == {"base": 1.0, "plus": 1.0}
+    assert cached() == {"HumanEval/0", "HumanEval/2", "HumanEval/53"}
+
+
+def test_unsandboxed_evaluation_is_refused_unless_allowed_and_then_recorded(tmp_path, monkeypatch):
+    from eval.execution import sandbox as launcher
+    from eval.execution.sandbox import SandboxConfig, SandboxError
+
+    monkeypatch.setattr(launcher, "find_bwrap", lambda: None)
+    monkeypatch.setattr(launcher, "_probed", {})
+    tasks = load_tasks("humaneval")
+    samples = [{"task_id": "HumanEval/53", "solution": tasks["HumanEval/53"]["prompt"] + tasks["HumanEval/53"]["canonical_solution"]}]
+    with pytest.raises(SandboxError, match="allow_unsandboxed=true"):
+        evaluate_samples("humaneval", samples, cache_dir=tmp_path, progress=False, n_workers=1)
+    results = evaluate_samples("humaneval", samples, cache_dir=tmp_path, progress=False, n_workers=1,
+                               sandbox_config=SandboxConfig(allow_unsandboxed=True))
+    assert results["protections"]["unsandboxed"] is True and results["pass@1"]["plus"] == 1.0
 
 
 def test_wrong_solutions_fail_with_the_first_failing_input(ground_truth_cache):
@@ -251,28 +293,33 @@ def test_cli_user_errors_exit_2_with_one_paragraph_and_write_nothing(args, messa
 
 
 def test_evaluator_runs_from_a_checkout_under_tmp(tmp_path, data_dir):
-    """The sandbox covers /tmp with a private tmpfs; an interpreter or venv living under /tmp stays visible."""
+    """A newcomer's clone under /tmp with its own venv: the sandbox has a private /tmp, yet the venv's
+    site-packages (here holding a module the sample imports) stays visible inside it."""
     import shutil
+    import venv
 
     if not str(tmp_path).startswith("/tmp/"):
         pytest.skip("pytest's tmp_path is not under /tmp here")
     copy = tmp_path / "checkout"
     shutil.copytree(REPO_ROOT / "eval", copy / "eval", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO_ROOT / "spa", copy / "spa", ignore=shutil.ignore_patterns("__pycache__"))
-    # The evalplus package (its special oracle module) copied under /tmp too, found first on the path.
-    import evalplus
+    venv.create(copy / ".venv", with_pip=False)
+    (site,) = (copy / ".venv" / "lib").glob("python3*/site-packages")
+    import sysconfig
 
-    shutil.copytree(Path(evalplus.__file__).parent, copy / "site" / "evalplus", ignore=shutil.ignore_patterns("__pycache__"))
+    # The venv reuses this one's packages (a .pth line) and adds a module of its own.
+    (site / "harness.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (site / "spa_tmp_marker.py").write_text("VALUE = 7\n")
+    solution = "import spa_tmp_marker\ndef add(x: int, y: int):\n    return x + y + spa_tmp_marker.VALUE - 7\n"
     script = (
-        "import json, sys; from eval.evaluate import evaluate_samples; from eval.benchmarks.data import load_tasks\n"
-        "t = load_tasks('humaneval')['HumanEval/32']\n"
-        "r = evaluate_samples('humaneval', [{'task_id': 'HumanEval/32', 'solution': t['prompt'] + t['canonical_solution']}],"
+        "import json; from eval.execution.evaluate import evaluate_samples\n"
+        f"r = evaluate_samples('humaneval', [{{'task_id': 'HumanEval/53', 'solution': {solution!r}}}],"
         f" cache_dir={str(tmp_path / 'gt')!r}, progress=False, n_workers=1)\n"
-        "import evalplus; print(json.dumps({'plus': r['status_counts']['plus'], 'evalplus': evalplus.__file__}))\n"
+        "print(json.dumps({'plus': r['status_counts']['plus'], 'details': r['tasks']['HumanEval/53'][0]['details']}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{copy / 'site'}:{copy}", "SPA_DATA_DIR": str(data_dir)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(copy), "SPA_DATA_DIR": str(data_dir)}
+    result = subprocess.run([str(copy / ".venv" / "bin" / "python"), "-c", script], cwd=copy, env=env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["evalplus"].startswith(str(copy)), "the copy under /tmp is the one in use"
-    assert report["plus"]["pass"] == 1
+    assert report["plus"]["pass"] == 1, report

@@ -64,3 +64,19 @@ def test_clear_errors(tiny_dir, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
     with pytest.raises(ConfigError, match="needs bitsandbytes"):
         spa.load_model(str(tiny_dir), quantization="8bit")
+
+
+def test_parallel_builds_of_one_tiny_model_never_expose_half_a_model(tokenizer_dir, tmp_path):
+    """The issue's failure: a job loaded the tiny model's folder while another was still writing it."""
+    import multiprocessing
+
+    target, tokenizers = tmp_path / "tiny", tokenizer_dir("deepseek-coder-instruct")
+    context = multiprocessing.get_context("fork")
+    with context.Pool(3) as pool:
+        built = pool.starmap(_build_and_load, [(target, tokenizers)] * 3)
+    assert built == [32064] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.lock", "tiny"], "nothing left aside"
+
+
+def _build_and_load(target, tokenizers) -> int:
+    return spa.load_model(str(spa.build_tiny_model(target, tokenizers)), dtype="fp32").config.vocab_size

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -99,7 +101,7 @@ def test_invalid_combinations(make_cfg):
     (["anchor=nl+docs"], "Unknown anchor 'nl+docs'"),
     (["benchmark=apps"], "Unknown benchmark 'apps'"),
     (["spa.omega=strong"], "finite number or 'paper'"),
-    (["method=pasta"], "Unknown method 'pasta'"),
+    (["method=dola"], "Unknown method 'dola'"),
     (["-m", "method=cfg,cad", "method.guidance_scale=2"], "method=cad has no setting 'method.guidance_scale'"),
     (["method=cfg", "spa.omega=1.3"], "spa.omega=1.3 is a setting of SPA and has no effect with method=cfg"),
 ])
@@ -133,17 +135,25 @@ def test_attention_cell_records_and_resumes(tmp_path, model_cache, data_dir):
     assert (path / "attention.jsonl").read_bytes() == before
 
 
-def test_a_locked_cell_is_refused(make_cfg):
-    """Two processes (e.g. SLURM jobs) never write one cell."""
+def test_a_job_waits_for_a_generation_being_written_then_reuses_it(make_cfg, capfd):
+    """Two processes (e.g. SLURM jobs) never write one generation; the second waits instead of failing."""
     from eval.runner import plan_cell
     from eval.store import Cell
 
     cfg = make_cfg("spa.omega=1.3")
     plan = plan_cell(cfg)
-    with Cell(plan.path, "someone-else"):
-        with pytest.raises(HarnessError, match="another process"):
-            run_cell(cfg)
-    assert not (plan.path / "samples.jsonl").exists()
+    finished = {}
+    with Cell(plan.generation_path, plan.settings.fingerprint):  # another job holds it
+        worker = threading.Thread(target=lambda: finished.update(path=run_cell(cfg)))
+        worker.start()
+        seen, deadline = "", time.time() + 120
+        while "waiting for" not in seen and worker.is_alive() and time.time() < deadline:
+            time.sleep(0.2)
+            seen += capfd.readouterr().err
+        assert f"waiting for {plan.generation_path}: another job is writing it" in seen
+        assert worker.is_alive() and not (plan.generation_path / "samples.jsonl").exists()
+    worker.join(timeout=300)
+    assert finished["path"] == plan.path and len(read_lines(plan.path / "samples.jsonl")) == 3
 
 
 def test_cell_end_to_end_with_sandboxed_evaluation(tmp_path, ground_truth_cache, data_dir):
@@ -260,7 +270,7 @@ def test_cad_deletes_exactly_the_anchored_text(make_cfg):
 
     cfg = make_cfg("method=cad", "benchmark=mbpp")
     plan = plan_cell(cfg)
-    assert plan.masking == "delete" and plan.omega == 1.5 and plan.settings["method"] == {"name": "cad", "alpha": 0.5}
+    assert plan.masking == "delete" and plan.omega == 1.5 and plan.settings.method == {"name": "cad", "alpha": 0.5}
     tokenizer = load_tokenizer(cfg)
     protocol, tasks, inputs = prepare_inputs(cfg, plan, ["Mbpp/2"], tokenizer)
     task = inputs["Mbpp/2"]
@@ -277,7 +287,7 @@ def test_every_method_at_its_plain_strength_is_the_plain_models_cell(make_cfg, t
     plan = plan_cell(make_cfg(*method))
     assert plan.path == plain.path == tmp_path / "runs" / "default" / "tiny" / "humaneval" / "evalplus" / "none" / "omega=1.0"
     assert plan.settings == plain.settings, "one cell, one fingerprint, whichever method asks for it"
-    assert "method" not in plain.settings, "SPA's settings (and so its cells' fingerprints) are as before methods"
+    assert plan.generation_path == plain.generation_path and plain.settings.method == {"name": "spa", "omega": 1.0}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -299,7 +309,7 @@ def test_masked_cfg_takes_spas_masking_settings(make_cfg):
     from eval.runner import plan_cell
 
     plan = plan_cell(make_cfg("method=cfg", "method.negative=masked", "spa.masking=attention"))
-    assert plan.masking == "attention" and plan.settings["spa"]["masking"] == "attention"
+    assert plan.masking == "attention" and plan.settings.masking == "attention"
 
 
 def test_attention_runs_are_spa_only(tmp_path, model_cache, data_dir):
@@ -310,3 +320,106 @@ def test_attention_runs_are_spa_only(tmp_path, model_cache, data_dir):
                                               f"paths.data_dir={data_dir}", "method=cad"])
     with pytest.raises(ConfigError, match="measures attention under SPA only"):
         run_attention_cell(cfg)
+
+
+# ---- Shared generations, parallel jobs, frictions (README "Sweeps on a cluster") -------------------
+
+
+def test_another_experiment_reuses_the_generation(make_cfg, tmp_path):
+    first = run_cell(make_cfg("spa.omega=1.3", "experiment_name=one"))
+    second = run_cell(make_cfg("spa.omega=1.3", "experiment_name=two", "generation.batch_size=2"))
+    assert first.parent.parent.parent.parent.parent.name == "one" and second != first
+    shared = (first / "samples.jsonl").resolve()
+    assert shared == (second / "samples.jsonl").resolve() and shared.parent.parent.parent.parent.parent == tmp_path / "cells"
+    store = json.loads((shared.parent / "manifest.json").read_text())
+    assert [(r["experiment"], r["tasks"], r["batch_size"]) for r in store["runs"]] == [("one", 3, 16)], "generated once"
+    assert store["settings"]["omega"] == 1.3 and store["runs"][0]["git"]["commit"]
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["generation_store"]["generated_by"] == ["one"] and manifest["generation_store"]["generated_here"] == 0
+    assert manifest["config"]["generation"]["batch_size"] == 2, "batch size is recorded, not part of the key"
+
+
+def test_ctrl_c_prints_one_line_and_the_rerun_resumes(make_cfg, monkeypatch, capsys):
+    from eval import runner
+    from eval.cli import exit_on_harness_error
+
+    real, calls = runner.decode_inputs, []
+
+    def interrupted_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode_inputs", interrupted_in_the_second_batch)
+    cfg = make_cfg("spa.omega=1.3", "generation.batch_size=1")
+    with pytest.raises(SystemExit) as stop:
+        exit_on_harness_error(run_cell)(cfg)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: 1 of 3 tasks of ") and "rerun the same command to resume" in err
+    monkeypatch.undo()
+    path = run_cell(cfg)
+    assert "resuming: 1 of 3 tasks done" in capsys.readouterr().out
+    assert [s["task_id"] for s in read_lines(path / "samples.jsonl")] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+
+
+@pytest.mark.parametrize("argument, suggestion", [("omega=1.3", "spa.omega"), ("+omega=1.7", "spa.omega"),
+                                                  ("generation.max_tokens=5", "generation.max_new_tokens")])
+def test_a_setting_nothing_reads_is_refused_from_any_directory(argument, suggestion, tmp_path, data_dir):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "run.py"), argument, f"paths.data_dir={data_dir}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"Unknown setting '{argument.lstrip('+').partition('=')[0]}'" in result.stderr and suggestion in result.stderr
+    assert "Known keys: model.*" in result.stderr and "limit" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paths_are_taken_from_the_project_root(monkeypatch, tmp_path):
+    from eval.cli import CONFIG_DIR as configs  # registers the project_path resolver
+    from eval.runner import plan_cell
+
+    monkeypatch.delenv("SPA_RESULTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("run", overrides=["spa.omega=1.3"], return_hydra_config=True)
+    plan = plan_cell(cfg)  # reads the data folder, relative to the project root by default
+    assert plan.path.is_relative_to(REPO_ROOT / "results" / "runs")
+    assert plan.generation_path.is_relative_to(REPO_ROOT / "results" / "cells")
+    assert cfg.hydra.sweep.dir == str(REPO_ROOT / "results" / "sweeps" / "default")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_sweep_shares_cells_and_builds_caches_once(tmp_path, data_dir):
+    """The issue's failure: submitit_local jobs, four anchors at omega 1 and 1.3 on the tiny model (built by the jobs
+    themselves in a fresh cache), five cells between eight jobs. Every job succeeds and every cell is generated once;
+    a second experiment over the same settings generates nothing."""
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    common = [f"paths.results_dir={results}", f"paths.cache_dir={cache}", f"paths.data_dir={data_dir}", "limit=2",
+              "evaluate=false", "generation.max_new_tokens=4"]
+    sweep = subprocess.run(
+        [sys.executable, "scripts/run.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+         "experiment_name=race", "anchor=nl,nl+test,nl+code,nl+code+test", "spa.omega=1.0,1.3", *common],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    cells = sorted(p.parent for p in (results / "runs" / "race").rglob("manifest.json"))
+    assert {c.relative_to(results / "runs" / "race" / "tiny" / "humaneval" / "evalplus").as_posix() for c in cells} == {
+        "nl+code+test/omega=1.3", "nl+code/omega=1.3", "nl+test/omega=1.3", "nl/omega=1.3", "none/omega=1.0"}
+    generations = sorted(p.parent for p in (results / "cells").rglob("manifest.json"))
+    assert len(generations) == 5
+    for generation in generations:
+        store = json.loads((generation / "manifest.json").read_text())
+        assert [r["tasks"] for r in store["runs"]] == [2], f"{generation} generated once"
+        assert [s["task_id"] for s in read_lines(generation / "samples.jsonl")] == ["HumanEval/0", "HumanEval/1"]
+    for cell in cells:
+        manifest = json.loads((cell / "manifest.json").read_text())
+        assert manifest["status"] == "generated" and manifest["task_ids"] == ["HumanEval/0", "HumanEval/1"]
+    assert not list(cache.glob("models/*.tmp*")), "the tiny model was built aside and renamed into place"
+
+    for overrides in (["anchor=nl", "spa.omega=1.3"], ["anchor=nl+test", "spa.omega=1.0"]):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            again = run_cell(compose("run", overrides=[*common, "experiment_name=again", *overrides]))
+        assert json.loads((again / "manifest.json").read_text())["generation_store"]["generated_here"] == 0
+    assert sorted(p.parent for p in (results / "cells").rglob("manifest.json")) == generations
+    assert all(len(json.loads((g / "manifest.json").read_text())["runs"]) == 1 for g in generations)

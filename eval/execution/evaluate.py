@@ -8,10 +8,9 @@ or ``error`` (the process crashed, exited early or broke the executor's protocol
 failing input and a short reason. pass@1 is the mean over the tasks present of the fraction of
 their samples that pass; "plus" requires base and plus to pass (EvalPlus's semantics).
 
-The expected outputs are the canonical solutions' outputs, computed once in the same sandbox and
-cached under ``results/cache/groundtruth/`` keyed by benchmark, dataset hash and Python version,
-together with each input's CPU time, from which the time limits are calibrated. See
-``docs/executor.md``.
+The expected outputs are the canonical solutions' outputs (``eval.execution.groundtruth``), computed in
+the same sandbox for the tasks present and cached, with each input's CPU time, from which the time limits
+are calibrated. See ``docs/executor.md``.
 """
 
 from __future__ import annotations
@@ -21,24 +20,19 @@ import json
 import os
 import reprlib
 import sys
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from hashlib import blake2b
 from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.benchmarks.data import REPO_ROOT, benchmark_spec, dataset_sha256, load_tasks
+from eval.benchmarks.data import benchmark_spec, dataset_sha256, load_tasks
 from eval.errors import ConfigError, HarnessError
-from eval.sandbox import PASS, Phase, PhaseVerdict, Recording, Sandbox, SandboxConfig, Suite
+from eval.execution.groundtruth import PHASES, GroundTruth, TaskTruth, oracle_kind
+from eval.execution.sandbox import PASS, Phase, PhaseVerdict, Sandbox, SandboxConfig, Suite
 
-DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache" / "groundtruth"
-PHASES = ("base", "plus")
 STATUSES = ("pass", "fail", "timeout", "error")
-CACHE_FORMAT = 1
-_CACHE_MAGIC = b"SPA-GROUNDTRUTH\n"
 
 
 @dataclass(frozen=True)
@@ -105,171 +99,7 @@ def _programs(samples: list[dict], tasks: dict[str, dict], benchmark: str) -> li
     return programs
 
 
-# Ground truth ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskTruth:
-    cpu_times: list[list[float]]  # per phase, per input: CPU seconds of the canonical solution
-    digests: list[list[str]]  # of its outputs' plain encoding
-    blob_spans: list[list[tuple[int, int]]]  # (offset, size) of each compressed output in the cache
-    peak_memory: int  # bytes of address space
-
-
-class GroundTruth:
-    """Expected outputs of a benchmark's canonical solutions, backed by a cache file."""
-
-    def __init__(self, path: Path, tasks: dict[str, TaskTruth], blobs_offset: int):
-        self.path, self.tasks, self._blobs_offset = path, tasks, blobs_offset
-
-    def blob(self, task_id: str, phase: int, index: int) -> bytes:
-        """The compressed plain encoding of the canonical output of one input."""
-        offset, size = self.tasks[task_id].blob_spans[phase][index]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            return os.pread(fd, size, self._blobs_offset + offset)
-        finally:
-            os.close(fd)
-
-    @classmethod
-    def load_or_compute(
-        cls,
-        benchmark: str,
-        tasks: dict[str, dict],
-        sandbox: Sandbox,
-        *,
-        sha256: str,
-        cache_dir: str | os.PathLike | None = None,
-        limits: Limits = Limits(),
-        progress: bool = True,
-    ) -> GroundTruth:
-        cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
-        version = f"{sys.version_info.major}{sys.version_info.minor}"
-        path = cache_dir / f"{benchmark}-{sha256[:16]}-py{version}-v{CACHE_FORMAT}.gt"
-        expected_header = {"benchmark": benchmark, "dataset_sha256": sha256, "python": version}
-        if path.exists():
-            try:
-                return cls._load(path, expected_header, set(tasks))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                warnings.warn(f"Ground-truth cache {path} is corrupt ({exc}); recomputing it.", RuntimeWarning, stacklevel=2)
-        recordings = _record_canonical(benchmark, tasks, sandbox, limits, progress)
-        _write_cache(path, expected_header, recordings)
-        return cls._load(path, expected_header, set(tasks))
-
-    @classmethod
-    def _load(cls, path: Path, expected_header: dict, task_ids: set[str]) -> GroundTruth:
-        with open(path, "rb") as f:
-            if f.read(len(_CACHE_MAGIC)) != _CACHE_MAGIC:
-                raise ValueError("not a ground-truth cache file")
-            header = json.loads(f.readline(4096))
-            manifest_bytes = f.read(header["manifest_size"])
-            if blake2b(manifest_bytes).hexdigest() != header["manifest_blake2b"]:
-                raise ValueError("manifest checksum mismatch")
-            blobs_offset = f.tell()
-            digest = blake2b()
-            remaining = header["blobs_size"]
-            while remaining:
-                chunk = f.read(min(remaining, 1 << 22))
-                if not chunk:
-                    raise ValueError("file truncated")
-                digest.update(chunk)
-                remaining -= len(chunk)
-            if digest.hexdigest() != header["blobs_blake2b"] or f.read(1):
-                raise ValueError("expected-output checksum mismatch")
-        manifest = json.loads(manifest_bytes)
-        if {k: manifest[k] for k in expected_header} != expected_header or set(manifest["tasks"]) != task_ids:
-            raise ValueError("built for another dataset")
-        tasks = {
-            task_id: TaskTruth(t["cpu_times"], t["digests"], [[tuple(s) for s in ph] for ph in t["blob_spans"]], t["peak_memory"])
-            for task_id, t in manifest["tasks"].items()
-        }
-        return cls(path, tasks, blobs_offset)
-
-
-def _record_canonical(benchmark: str, tasks: dict[str, dict], sandbox: Sandbox, limits: Limits, progress: bool) -> dict[str, Recording]:
-    """Runs every canonical solution in the sandbox (trusted: no per-input limits) and records it."""
-
-    def record(task_id: str) -> Recording:
-        task = tasks[task_id]
-        suite = Suite(
-            task["entry_point"],
-            tuple(Phase(name, list(task[f"{name}_input"]), limits.groundtruth_cpu_s) for name in PHASES),
-            oracle=_oracle(benchmark, task),
-        )
-        outcome = sandbox.record(task["prompt"] + task["canonical_solution"], suite)
-        if isinstance(outcome, PhaseVerdict):
-            raise HarnessError(
-                f"The canonical solution of {task_id} failed in the sandbox ({outcome.status}: "
-                f"{outcome.reason}), so its expected outputs cannot be computed. Check the dataset "
-                "file, and the executor settings if they were changed."
-            )
-        return outcome
-
-    return dict(zip(tasks, _parallel(record, list(tasks), sandbox.n_workers, progress, f"{benchmark} expected outputs")))
-
-
-def _write_cache(path: Path, header: dict, recordings: dict[str, Recording]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    manifest = dict(header, format=CACHE_FORMAT, tasks={})
-    offset = 0
-    blob_digest = blake2b()
-    try:
-        with open(tmp, "wb") as blobs_file:
-            for task_id, rec in recordings.items():
-                spans = []
-                for phase_blobs in rec.blobs:
-                    spans.append([])
-                    for blob in phase_blobs:
-                        blobs_file.write(blob)
-                        blob_digest.update(blob)
-                        spans[-1].append((offset, len(blob)))
-                        offset += len(blob)
-                manifest["tasks"][task_id] = {
-                    "cpu_times": rec.cpu_times,
-                    "digests": rec.digests,
-                    "blob_spans": spans,
-                    "peak_memory": rec.peak_memory,
-                }
-        manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-        file_header = {
-            "format": CACHE_FORMAT,
-            "manifest_size": len(manifest_bytes),
-            "manifest_blake2b": blake2b(manifest_bytes).hexdigest(),
-            "blobs_size": offset,
-            "blobs_blake2b": blob_digest.hexdigest(),
-        }
-        final_tmp = tmp.with_suffix(".final")
-        with open(final_tmp, "wb") as out, open(tmp, "rb") as blobs_file:
-            out.write(_CACHE_MAGIC + json.dumps(file_header).encode() + b"\n" + manifest_bytes)
-            while chunk := blobs_file.read(1 << 22):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(final_tmp, path)
-    finally:
-        for leftover in (tmp, tmp.with_suffix(".final")):
-            leftover.unlink(missing_ok=True)
-
-
 # Test suites ------------------------------------------------------------------------------------
-
-
-def _oracle(benchmark: str, task: dict) -> str | None:
-    """EvalPlus's special oracle for a task (see eval.sandbox._judge), or None for plain equality."""
-    from evalplus.eval._special_oracle import MBPP_OUTPUT_NOT_NONE_TASKS, MBPP_OUTPUT_SET_EQ_TASKS
-
-    entry_point = task["entry_point"]
-    if benchmark == "humaneval":
-        return "poly_root" if entry_point == "find_zero" else None
-    special = {"are_equivalent": "always", "sum_div": "or_zero", "surface_Area": "surface_area", "digit_distance_nums": "digit_distance"}
-    if entry_point in special:
-        return special[entry_point]
-    if entry_point in MBPP_OUTPUT_SET_EQ_TASKS:
-        return "set_eq"
-    if entry_point in MBPP_OUTPUT_NOT_NONE_TASKS:
-        return "not_none"
-    return None
 
 
 def _test_suite(benchmark: str, task: dict, truth: TaskTruth, limits: Limits, memory_limit_mb: int) -> Suite:
@@ -283,14 +113,15 @@ def _test_suite(benchmark: str, task: dict, truth: TaskTruth, limits: Limits, me
         # EvalPlus caps a test set at 60 s; never below what the canonical solution needs x factor.
         budget = min(sum(cpu_limits), max(limits.phase_cpu_cap, limits.gt_time_limit_factor * sum(times)))
         phases.append(Phase(name, list(task[f"{name}_input"]), max(budget, limits.min_time_limit), cpu_limits, tuple(truth.digests[p])))
-    oracle = _oracle(benchmark, task)
     return Suite(
         task["entry_point"],
         tuple(phases),
-        oracle=oracle,
+        oracle=oracle_kind(benchmark, task),
         atol=float(task["atol"]),
         memory_limit=max(memory_limit_mb << 20, int(limits.memory_factor * truth.peak_memory)),
-        oracle_file=special_oracle.__file__ if oracle in ("poly_root", "surface_area", "digit_distance") else None,
+        # A program's output may be twice the canonical one's size; more is a flood of the harness's memory.
+        max_output=max(64 << 20, 2 * max((n for phase in truth.sizes for n in phase), default=0) + (1 << 20)),
+        oracle_module=special_oracle,
     )
 
 
@@ -300,7 +131,8 @@ def _test_suite(benchmark: str, task: dict, truth: TaskTruth, limits: Limits, me
 def executor_settings(executor: dict) -> tuple[SandboxConfig, Limits]:
     """(SandboxConfig, Limits) from the ``executor`` config group (configs/executor/default.yaml)."""
     try:
-        return SandboxConfig(**executor["sandbox"]), Limits(**executor["limits"])
+        sandbox = dict(executor["sandbox"], allow_unsandboxed=bool(executor.get("allow_unsandboxed", False)))
+        return SandboxConfig(**sandbox), Limits(**executor["limits"])
     except (TypeError, KeyError) as exc:
         raise ConfigError(f"Invalid executor setting ({exc}); see configs/executor/default.yaml.") from None
 
@@ -328,10 +160,12 @@ def evaluate_samples(
     programs = _programs(samples, tasks, benchmark)
     sha256 = dataset_sha256(benchmark, data_dir, spec.version)
     sandbox = Sandbox(sandbox_config, n_workers)
-    truth = GroundTruth.load_or_compute(benchmark, tasks, sandbox, sha256=sha256, cache_dir=cache_dir, limits=limits, progress=progress)
+    needed = list(dict.fromkeys(task_id for task_id, _ in programs))
+    truth = GroundTruth.load_or_compute(benchmark, tasks, sandbox, sha256=sha256, needed=needed, cache_dir=cache_dir,
+                                        groundtruth_cpu_s=limits.groundtruth_cpu_s, progress=progress)
     suites = {
         task_id: _test_suite(benchmark, tasks[task_id], truth.tasks[task_id], limits, sandbox.config.memory_limit_mb)
-        for task_id in dict.fromkeys(task_id for task_id, _ in programs)
+        for task_id in needed
     }
 
     def judge(index: int) -> list[PhaseVerdict]:
@@ -340,12 +174,12 @@ def evaluate_samples(
 
     # Longest first (by the canonical solution's CPU time) keeps all workers busy until the end.
     order = sorted(range(len(programs)), key=lambda k: -sum(map(sum, truth.tasks[programs[k][0]].cpu_times)))
-    verdicts = dict(zip(order, _parallel(judge, order, sandbox.n_workers, progress, f"{benchmark} samples")))
+    verdicts = dict(zip(order, parallel(judge, order, sandbox.n_workers, progress, f"{benchmark} samples")))
     results = _results(benchmark, sha256, tasks, programs, [verdicts[k] for k in range(len(programs))], sandbox, limits)
     return {**results, "dataset_version": spec.version}
 
 
-def _parallel(work, items: list, n_workers: int, progress: bool, description: str) -> list:
+def parallel(work, items: list, n_workers: int, progress: bool, description: str) -> list:
     """``[work(item) for item in items]`` on ``n_workers`` threads (each drives one child process)."""
     results: list = [None] * len(items)
     with ThreadPoolExecutor(max_workers=n_workers) as pool, tqdm(
