@@ -14,8 +14,10 @@ endif
 # Offline data shipped beside the checkout (see README "Data").
 SPA_DATA_DIR ?= $(abspath ../shared/data)
 export SPA_DATA_DIR
-# Sweep launcher: local (cells one after another), submitit_local, or submitit_slurm / slurm
-# (configs/hydra/launcher/slurm.yaml: one GPU job per cell). Extra Hydra overrides: ARGS="...".
+# Sweep launcher: local (jobs one after another), submitit_local, or submitit_slurm / slurm
+# (configs/hydra/launcher/slurm.yaml: one GPU job per model, benchmark and protocol, its cells decoded together;
+# ARGS=grouping=cell: one per cell). SHARDS=N splits every job's tasks among N jobs (one SLURM job array).
+# Extra Hydra overrides: ARGS="...".
 LAUNCHER ?= local
 HYDRA_LAUNCHER := $(if $(filter submitit_slurm slurm,$(LAUNCHER)),slurm,$(LAUNCHER))
 ARGS ?=
@@ -23,10 +25,12 @@ PYTEST_ARGS ?=
 # The protocol `make reproduce` runs: authors (the paper authors' code, as the numbers were produced) or
 # evalplus (EvalPlus-standard prompts, stops and releases). README "Protocols".
 PROTOCOL ?= authors
-SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) $(ARGS)
+SHARDS ?= 1
+SHARDING = $(if $(filter-out 1,$(SHARDS)),shards=$(SHARDS) shard='range(0,$(SHARDS))')
+SWEEP = $(PY) scripts/run.py -m hydra/launcher=$(HYDRA_LAUNCHER) protocol=$(PROTOCOL) $(SHARDING) $(ARGS)
 # DRY_RUN=1: `make reproduce` prints its plan (jobs, cells, generations, what is done, GPU-hours) and runs nothing.
 DRY_RUN ?=
-PLAN = $(PY) scripts/plan.py protocol=$(PROTOCOL) $(ARGS)
+PLAN = $(PY) scripts/plan.py protocol=$(PROTOCOL) $(SHARDING) $(ARGS)
 
 .PHONY: help install test bench demo reproduce baselines tables figures clean
 
@@ -48,6 +52,7 @@ test: install  ## run the test suite (CPU, offline)
 bench: install  ## decoding and executor benchmarks -> results/bench/*.json
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) scripts/bench_decoding.py
+	$(PY) scripts/bench_group.py
 	$(PY) scripts/bench_eval.py
 
 demo: install  ## the whole pipeline offline on the tiny random-weight model (minutes, CPU)

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from eval.errors import HarnessError, Interrupted
+from eval.experiments.grouping import check_grouping
 from eval.experiments.settings import project_path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -142,6 +143,9 @@ def run_main(hydra_main: Callable[[], None], config_name: str | None = None) -> 
     the Hydra main."""
     try:
         check_group_overrides(sys.argv[1:])
+        for argument in sys.argv[1:]:  # the sweeper groups the jobs before any job could report it
+            if argument.startswith("grouping="):
+                check_grouping(argument.partition("=")[2])
         if config_name:
             check_unknown_keys(config_name, sys.argv[1:])
     except HarnessError as error:

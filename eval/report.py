@@ -1237,7 +1237,7 @@ FIGURE4 = TableSpec(
 )
 METHODS_TABLE = TableSpec(
     "methods",
-    "Methods: Pass@1 (%) of SPA, CFG and CAD, each at its cross-validated strength (one per dataset pair, k-fold "
+    "Methods: Pass@1 (%) of SPA and its baselines (CFG, CAD, PASTA), each at its cross-validated strength (one per dataset pair, k-fold "
     "over tasks as omega in Tables 1 and 3); gains in points with paired 95% CIs against the plain model and against SPA",
     (
         text("Model", "model"),

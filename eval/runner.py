@@ -1,6 +1,7 @@
 """One cell of an experiment: config -> prompts with anchors -> two-view decoding -> samples -> verdicts.
 
-``run_cell(cfg)`` is what ``scripts/run.py`` calls for every point of a sweep. The protocol
+``run_group(cfgs)`` is what ``scripts/run.py`` calls for a sweep's group job (the cells of one model, benchmark and
+protocol, decoded together; ``eval.experiments.grouping``), ``run_cell(cfg)`` for one cell. The protocol
 (``eval.benchmarks.protocols``) turns each task into both views' ids, stops and programs; the method
 (``eval.methods``: SPA, CFG or CAD) chooses the second view and the weight on the full prompt (PASTA: one view, its
 attention steered). It is resumable: tasks
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from eval.benchmarks.protocols import ModelInputs, Protocol, ProtocolSettings, m
 from eval.errors import ConfigError, Interrupted
 from eval.experiments.settings import GenerationSettings, project_path, section
 from eval.methods import PASTA, Method, plain, resolve_method
-from eval.store import Cell, cell_dir, fingerprint, git_commit, machine, package_versions, python_command
+from eval.store import Cell, cell_dir, file_lock, fingerprint, git_commit, machine, package_versions, python_command
 
 
 @dataclass(frozen=True)
@@ -222,36 +223,94 @@ def claimed_cell(cfg: DictConfig, plan: CellPlan, records_name: str = "samples.j
         yield cell
 
 
+def shard_of(cfg: DictConfig) -> tuple[int, int]:
+    """(shard, shards) of a run: shard ``i`` of ``N`` decodes tasks i, i + N, ... of each of its cells."""
+    shards, shard = cfg.get("shards", 1), cfg.get("shard", 0)
+    if not (type(shards) is int and type(shard) is int and shards >= 1 and 0 <= shard < shards):
+        raise ConfigError(
+            f"shards={shards!r} shard={shard!r}: shards must be an integer >= 1 and shard an integer from 0 to shards - 1. "
+            "shards=4 shard=0,1,2,3 (with -m) splits every cell's tasks among 4 jobs, shard i taking tasks i, i + 4, ...; "
+            "the last shard to finish evaluates the cell."
+        )
+    if shards > 1 and cfg.force:
+        raise ConfigError(
+            f"force=true with shards={shards}: every shard would discard what the others wrote. Run force=true once "
+            "without shards (or delete the cell and its generation under results/cells/), then shard the rerun."
+        )
+    return shard, shards
+
+
 def run_cell(cfg: DictConfig) -> Path | None:
     """Generate (or reuse) and evaluate one cell, resuming what exists; returns its directory."""
-    plan = plan_cell(cfg)
-    if plan is None:
-        return None
-    with claimed_cell(cfg, plan) as cell:
+    return run_group([cfg])[0]
+
+
+def run_group(cfgs: list[DictConfig]) -> list[Path | None]:
+    """Run the cells of one model, benchmark and protocol as one job; returns each cell's directory (None: skipped).
+
+    The model is loaded once and the missing tasks of every cell decode together, rows of different cells in the
+    same forward passes (``spa.decode`` takes one omega per prompt and prefills identical views once). Each
+    cell's samples go to its own generation, then each complete cell is evaluated. With ``shards=N shard=i``
+    only tasks i, i + N, ... are decoded; a cell missing another shard's tasks is evaluated by the shard that
+    completes it, or by ``scripts/evaluate_cells.py``.
+    """
+    started = time.time()
+    paths, planned = [], {}
+    for cfg in cfgs:
+        plan = plan_cell(cfg)
+        paths.append(plan.path if plan else None)
+        if plan is None or plan.path in planned:  # omega = 1 is one cell for every anchor condition
+            continue
         wanted = select_tasks(cfg, protocol_tasks(cfg, plan))
-        manifest = cell.manifest()
-        if cell.is_complete() and set(wanted) <= set(manifest.get("task_ids", [])):
-            print(f"complete: {plan.path} (force=true recomputes it)")
+        with claimed_cell(cfg, plan) as cell:  # another configuration's cell is refused before anything is decoded
+            if cell.is_complete() and set(wanted) <= set(cell.manifest().get("task_ids", [])):
+                print(f"complete: {plan.path} (force=true recomputes it)")
+                continue
+        planned[plan.path] = (cfg, plan, wanted)
+    if planned:
+        generated = ensure_generations([(cfg, plan, wanted[shard::shards]) for cfg, plan, wanted in planned.values()
+                                        for shard, shards in [shard_of(cfg)]])
+        for cfg, plan, wanted in planned.values():
+            finish_cell(cfg, plan, wanted, generated.get(plan.generation_path, 0), started)
+    return paths
+
+
+def finish_cell(cfg: DictConfig, plan: CellPlan, wanted: list[str], generated_here: int = 0, started: float | None = None) -> Path:
+    """Link the cell to its generation and evaluate it once the generation holds every task of ``wanted``;
+    until then (shards still decoding) its manifest says ``incomplete``."""
+    started = time.time() if started is None else started
+    with Cell(plan.path, plan.settings.fingerprint) as cell:
+        cell.claim(force=False)  # force was applied when the job claimed the cell
+        if cell.is_complete() and set(wanted) <= set(cell.manifest().get("task_ids", [])):
+            print(f"complete: {plan.path} (force=true recomputes it)")  # another shard evaluated it
             return plan.path
-        started = time.time()
-        generation = ensure_generation(cfg, plan, wanted)
+        with Cell(plan.generation_path, plan.settings.fingerprint) as store:  # shards append under this lock
+            generation = store.manifest() or {}
+            samples = store.load_records()
         cell.link_records(plan.generation_path / cell.records_name)
-        samples = cell.load_records()
         base_manifest = describe(cfg, plan, wanted)
-        base_manifest["model"].update(generation["model"])
+        base_manifest["model"].update(generation.get("model", {}))
+        runs = generation.get("runs", [])
         base_manifest["generation_store"] = {
             "key": plan.settings.key,
             "path": str(plan.generation_path),
             "fingerprint": plan.settings.fingerprint,
-            "generated_by": sorted({run["experiment"] for run in generation["runs"]}),
-            "generated_here": generation["generated_here"],  # tasks this run decoded; the rest were reused
+            "generated_by": sorted({run["experiment"] for run in runs}),
+            "generated_here": generated_here,  # tasks this job decoded; the rest were reused or came from other shards
         }
-        timings = {k: sum(run[k] for run in generation["runs"]) for k in ("generation_seconds", "generated_tokens")}
+        timings = {k: sum(run[k] for run in runs) for k in ("generation_seconds", "generated_tokens")}
+        missing = set(wanted) - {s["task_id"] for s in samples}
+        if missing:
+            print(f"{plan.path}: {len(missing)} of {len(wanted)} tasks are not generated yet (other shards); the shard "
+                  "that completes it, or scripts/evaluate_cells.py, evaluates it")
+            cell.write_manifest({**base_manifest, "status": "incomplete", "missing_tasks": len(missing), "timings": timings})
+            return plan.path
         status = "generated"
         if cfg.evaluate:
             from eval.execution.evaluate import evaluate_samples, executor_settings, write_eval_results
 
-            chosen = [s for s in samples if s["task_id"] in set(wanted)]
+            order = {t: i for i, t in enumerate(wanted)}  # shards append in any order
+            chosen = sorted((s for s in samples if s["task_id"] in order), key=lambda s: (order[s["task_id"]], s["sample_index"]))
             sandbox_config, limits = executor_settings(OmegaConf.to_container(cfg.executor, resolve=True))
             eval_start = time.time()
             results = evaluate_samples(
@@ -274,40 +333,61 @@ def run_cell(cfg: DictConfig) -> Path | None:
     return plan.path
 
 
-def ensure_generation(cfg: DictConfig, plan: CellPlan, wanted: list[str]) -> dict:
-    """Make the shared generation of ``plan`` hold every task of ``wanted``, decoding only the missing ones;
-    returns its manifest plus ``generated_here`` (how many tasks this call decoded).
+def ensure_generations(jobs: list[tuple[DictConfig, CellPlan, list[str]]]) -> dict[Path, int]:
+    """Make the shared generation of each ``(cfg, plan, tasks)`` hold ``tasks``, decoding the missing ones of all
+    of them together; returns how many tasks were decoded per generation.
 
-    The generation's lock is held only while decoding, so other experiments reuse it while this one evaluates.
+    A job holds its shard's decode lock on each generation while it decodes (the same shard started twice waits,
+    then reuses), and the generation's own lock only to read it and append, so shards decode at once.
     """
-    with Cell(plan.generation_path, plan.settings.fingerprint) as generation:
-        generation.claim(force=bool(cfg.force))
-        previous = generation.manifest() or {}
-        done = {s["task_id"] for s in generation.load_records()}
-        todo = [t for t in wanted if t not in done]
-        runs = list(previous.get("runs", []))
-        header = {"key": plan.settings.key, "settings": plan.settings.as_dict(), "model": previous.get("model", {})}
-        if todo:
-            if len(todo) < len(wanted):
-                print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} tasks done ({plan.generation_path})")
-            generation.write_manifest({**header, "status": "incomplete", "task_ids": previous.get("task_ids", []), "runs": runs})
-            try:
-                stats = generate_samples(cfg, plan, todo, generation)
-            except KeyboardInterrupt:
-                kept = len({s["task_id"] for s in generation.load_records()} & set(wanted))
-                raise Interrupted(
-                    f"interrupted: {kept} of {len(wanted)} tasks of {plan.path} are kept in {generation.records_path}; "
-                    "rerun the same command to resume from there."
-                ) from None
-            header["model"] = stats.pop("model")
-            runs.append({"experiment": plan.experiment, "tasks": len(todo), "batch_size": int(cfg.generation.batch_size),
-                         **stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": python_command(),
-                         "git": git_commit(), "packages": package_versions(), "machine": machine()})
-        task_ids = [t for t in dict.fromkeys(s["task_id"] for s in generation.load_records())]
-        manifest = {**header, "status": "generated", "task_ids": task_ids, "runs": runs}
-        if todo or previous.get("task_ids") != task_ids:
-            generation.write_manifest(manifest)
-    return {**manifest, "generated_here": len(todo)}
+    unique: dict[Path, tuple] = {}
+    for job in jobs:
+        unique.setdefault(job[1].generation_path, job)
+    jobs = list(unique.values())
+    with ExitStack() as decoding:
+        for cfg, plan, _ in sorted(jobs, key=lambda job: str(job[1].generation_path)):  # one order: no deadlock between jobs
+            shard, shards = shard_of(cfg)
+            decoding.enter_context(file_lock(plan.generation_path / f".decode-{shard}-of-{shards}.lock", plan.generation_path))
+        pending = []
+        for cfg, plan, tasks in jobs:
+            with Cell(plan.generation_path, plan.settings.fingerprint) as generation:
+                generation.claim(force=bool(cfg.force))
+                previous = generation.manifest() or {}
+                done = {s["task_id"] for s in generation.load_records()}
+                todo = [t for t in tasks if t not in done]
+                if todo:
+                    if len(todo) < len(tasks):
+                        print(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} tasks done ({plan.generation_path})")
+                    generation.write_manifest({"key": plan.settings.key, "settings": plan.settings.as_dict(),
+                                               "model": previous.get("model", {}), "status": "incomplete",
+                                               "task_ids": previous.get("task_ids", []), "runs": previous.get("runs", [])})
+            pending.append((cfg, plan, todo))
+        try:
+            stats = generate_samples([job for job in pending if job[2]])
+        except KeyboardInterrupt:
+            kept = []
+            for cfg, plan, tasks in jobs:
+                with Cell(plan.generation_path, plan.settings.fingerprint) as generation:
+                    have = {s["task_id"] for s in generation.load_records()}
+                kept.append(f"{len(have & set(tasks))} of {len(tasks)} tasks of {plan.path} are kept in {generation.records_path}")
+            raise Interrupted(f"interrupted: {'; '.join(kept)}; rerun the same command to resume from there.") from None
+        for cfg, plan, todo in pending:
+            with Cell(plan.generation_path, plan.settings.fingerprint) as generation:
+                previous = generation.manifest() or {}  # read again: other shards may have added runs meanwhile
+                runs = list(previous.get("runs", []))
+                model = previous.get("model", {})
+                if todo:
+                    shard, shards = shard_of(cfg)
+                    model = stats[plan.generation_path].pop("model")
+                    runs.append({"experiment": plan.experiment, "tasks": len(todo), "batch_size": int(cfg.generation.batch_size),
+                                 "shard": shard, "shards": shards, **stats[plan.generation_path],
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": python_command(),
+                                 "git": git_commit(), "packages": package_versions(), "machine": machine()})
+                task_ids = list(dict.fromkeys(s["task_id"] for s in generation.load_records()))
+                if todo or previous.get("task_ids") != task_ids:
+                    generation.write_manifest({"key": plan.settings.key, "settings": plan.settings.as_dict(), "model": model,
+                                               "status": "generated", "task_ids": task_ids, "runs": runs})
+    return {plan.generation_path: len(todo) for _, plan, todo in pending}
 
 
 def protocol_tasks(cfg: DictConfig, plan: CellPlan) -> dict[str, dict]:
@@ -323,12 +403,13 @@ def prepare_inputs(cfg: DictConfig, plan: CellPlan, task_ids: list[str], tokeniz
     return protocol, tasks, inputs
 
 
-def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], method: Method, cfg: DictConfig, **kwargs) -> list[list[int]]:
-    """``spa.decode`` on the protocol's views: explicit masked ids, or the anchor mask for attention masking; PASTA
-    (``spa.pasta.decode``) on the prompt alone, emphasizing its anchored tokens."""
-    if method.spec is PASTA:
+def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], methods: list[Method], cfg: DictConfig, **kwargs) -> list[list[int]]:
+    """``spa.decode`` on the protocol's views, each input at its own method's weight: explicit masked ids, or the
+    anchor mask for attention masking; PASTA (``spa.pasta.decode``, one method for all) on the prompt alone,
+    emphasizing its anchored tokens."""
+    if methods[0].spec is PASTA:
         return spa.pasta.decode(
-            model, [i.input_ids for i in inputs], [i.anchor_mask for i in inputs], alpha=method.strength, heads=method.heads,
+            model, [i.input_ids for i in inputs], [i.anchor_mask for i in inputs], alpha=methods[0].strength, heads=methods[0].heads,
             max_new_tokens=[i.max_new_tokens for i in inputs], eos_token_id=protocol.eos_ids(model),
             **protocol.decode_options(inputs), **kwargs,
         )
@@ -337,55 +418,76 @@ def decode_inputs(model, protocol: Protocol, inputs: list[ModelInputs], method: 
     else:
         views = {"masked_prompts": [i.masked_input_ids for i in inputs]}
     return spa.decode(
-        model, [i.input_ids for i in inputs], omega=method.omega, max_new_tokens=[i.max_new_tokens for i in inputs],
+        model, [i.input_ids for i in inputs], omega=[m.omega for m in methods], max_new_tokens=[i.max_new_tokens for i in inputs],
         eos_token_id=protocol.eos_ids(model), modulated_by_prob=bool(cfg.spa.modulated_by_prob),
         **views, **protocol.decode_options(inputs), **kwargs,
     )
 
 
-def generate_samples(cfg: DictConfig, plan: CellPlan, todo: list[str], cell: Cell) -> dict:
-    """Decode ``todo`` in batches, appending each batch's samples to the cell; returns timing stats."""
-    model, tokenizer = load(cfg)
-    protocol, tasks, inputs = prepare_inputs(cfg, plan, todo, tokenizer)
-    eos = protocol.eos_ids(model)
-    gen = cfg.generation
+def generate_samples(jobs: list[tuple[DictConfig, CellPlan, list[str]]]) -> dict[Path, dict]:
+    """Decode the ``todo`` tasks of every ``(cfg, plan, todo)`` (one model), rows of different cells in the same
+    batches, appending each batch's samples to each cell's generation; returns per generation its timing stats."""
+    if not jobs:
+        return {}
+    model, tokenizer = load(jobs[0][0])
+    gen = jobs[0][0].generation  # the group's cells differ in anchor and strength only
     sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed", "num_samples")}
     per_batch = max(1, int(gen.batch_size) // int(gen.num_samples))
-    tokens, seconds = 0, 0.0
-    method = plan.method
-    with tqdm(total=len(todo), desc=f"{plan.model} {plan.benchmark} {plan.protocol} {method.name} {plan.anchor} "
-                f"{method.spec.parameter}={method.strength:g}", unit="task") as bar:  # closed on Ctrl-C too
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start : start + per_batch]
-            begin = time.time()
-            outputs = decode_inputs(model, protocol, [inputs[t] for t in batch], method, cfg,
-                                    batch_size=int(gen.batch_size), **sampling)
-            seconds += time.time() - begin
-            records = []
-            for index, ids in enumerate(outputs):
-                task_id = batch[index // int(gen.num_samples)]
-                model_inputs = inputs[task_id]
-                tokens += len(ids)
-                records.append({
-                    "task_id": task_id,
-                    "sample_index": index % int(gen.num_samples),
-                    **protocol.solution(tasks[task_id], model_inputs, ids, eos),
-                    "n_prompt_tokens": len(model_inputs.input_ids),
-                    "n_masked_prompt_tokens": len(model_inputs.masked_input_ids),
-                    "n_anchored_tokens": sum(model_inputs.anchor_mask),
-                    "n_generated_tokens": len(ids),
-                    "max_new_tokens": model_inputs.max_new_tokens,
-                })
-            cell.append_records(records)
-            bar.update(len(batch))
+    prepared = [prepare_inputs(cfg, plan, todo, tokenizer) for cfg, plan, todo in jobs]
+    # Rows that one spa.decode call can hold: PASTA steers one strength per call; the masking and the weighting
+    # are arguments of the call. Task-major order puts one task's rows of every cell side by side.
+    kinds: dict[tuple, list[tuple[int, str]]] = {}
+    position = {t: i for i, t in enumerate(prepared[0][1])}  # the benchmark's order, as each cell alone decodes it
+    for task in sorted({t for _, _, todo in jobs for t in todo}, key=position.__getitem__):
+        for j, (cfg, plan, todo) in enumerate(jobs):
+            if task in prepared[j][2]:
+                kind = (j if plan.method.spec is PASTA else -1, prepared[j][0].masking == "attention", bool(cfg.spa.modulated_by_prob))
+                kinds.setdefault(kind, []).append((j, task))
+    stats = {plan.generation_path: {"generation_seconds": 0.0, "generated_tokens": 0} for _, plan, _ in jobs}
+    first_plan = jobs[0][1]
+    label = (f"{first_plan.model} {first_plan.benchmark} {first_plan.protocol} {first_plan.method.name} {first_plan.anchor} "
+             f"{first_plan.method.spec.parameter}={first_plan.method.strength:g}" if len(jobs) == 1 else
+             f"{first_plan.model} {first_plan.benchmark} {first_plan.protocol}: {len(jobs)} cells")
+    with tqdm(total=sum(map(len, kinds.values())), desc=label, unit="task") as bar:  # closed on Ctrl-C too
+        for rows in kinds.values():
+            j0 = rows[0][0]
+            for start in range(0, len(rows), per_batch):
+                batch = rows[start : start + per_batch]
+                begin = time.time()
+                outputs = decode_inputs(model, prepared[j0][0], [prepared[j][2][t] for j, t in batch], [jobs[j][1].method for j, _ in batch],
+                                        jobs[j0][0], batch_size=int(gen.batch_size), **sampling)
+                elapsed = time.time() - begin
+                records: dict[int, list[dict]] = {}
+                for index, ids in enumerate(outputs):
+                    j, task_id = batch[index // int(gen.num_samples)]
+                    protocol, tasks, inputs = prepared[j]
+                    model_inputs = inputs[task_id]
+                    stats[jobs[j][1].generation_path]["generated_tokens"] += len(ids)
+                    stats[jobs[j][1].generation_path]["generation_seconds"] += elapsed / len(outputs)  # the batch's time, by rows
+                    records.setdefault(j, []).append({
+                        "task_id": task_id,
+                        "sample_index": index % int(gen.num_samples),
+                        **protocol.solution(tasks[task_id], model_inputs, ids, protocol.eos_ids(model)),
+                        "n_prompt_tokens": len(model_inputs.input_ids),
+                        "n_masked_prompt_tokens": len(model_inputs.masked_input_ids),
+                        "n_anchored_tokens": sum(model_inputs.anchor_mask),
+                        "n_generated_tokens": len(ids),
+                        "max_new_tokens": model_inputs.max_new_tokens,
+                    })
+                for j, new in records.items():
+                    plan = jobs[j][1]
+                    with Cell(plan.generation_path, plan.settings.fingerprint) as generation:
+                        # Another shard (or a shard started twice) may have written a task meanwhile: it is kept once.
+                        done = {s["task_id"] for s in generation.load_records()}
+                        generation.append_records([r for r in new if r["task_id"] not in done])
+                bar.update(len(batch))
     device = spa.engine.model_device(model)
-    return {
-        "model": {"resolved_commit": getattr(model.config, "_commit_hash", None), "device": str(device),
-                  "torch_dtype": str(model.dtype), "mask_string": protocol.mask_text(),
-                  "mask_token_id": spa.resolve_mask_token_id(tokenizer, protocol.mask_string())},
-        "generation_seconds": seconds,
-        "generated_tokens": tokens,
-    }
+    for j, (cfg, plan, _) in enumerate(jobs):
+        protocol = prepared[j][0]
+        stats[plan.generation_path]["model"] = {
+            "resolved_commit": getattr(model.config, "_commit_hash", None), "device": str(device), "torch_dtype": str(model.dtype),
+            "mask_string": protocol.mask_text(), "mask_token_id": spa.resolve_mask_token_id(tokenizer, protocol.mask_string())}
+    return stats
 
 
 def run_attention_cell(cfg: DictConfig) -> Path | None:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,23 @@ def machine() -> dict:
     return info
 
 
+@contextmanager
+def file_lock(path: Path, what: Path):
+    """An exclusive lock on the file ``path`` (created with its folder), held while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Another job is writing it; what it writes is what this job would write, so wait and reuse it.
+            print(f"waiting for {what}: another job is writing it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it when that job ends, even if killed
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @dataclass
 class Cell:
     """One cell directory. Use as a context manager: it holds the cell's lock while open."""
@@ -142,19 +160,12 @@ class Cell:
         return self.path / "manifest.json"
 
     def __enter__(self) -> "Cell":
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Another job is writing it; what it writes is what this job would write, so wait and reuse it.
-            print(f"waiting for {self.path}: another job is writing it", file=sys.stderr, flush=True)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)  # the kernel releases it when that job ends, even if killed
+        self._lock = file_lock(self.path / ".lock", self.path)
+        self._lock.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._lock, fcntl.LOCK_UN)
-        self._lock.close()
+        self._lock.__exit__(*exc)
 
     def manifest(self) -> dict | None:
         return read_json(self.manifest_path) if self.manifest_path.exists() else None

@@ -18,6 +18,7 @@ decoding costs.
 from __future__ import annotations
 
 import inspect
+import itertools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,12 @@ class Sampling:
 
 
 def combine_logits(
-    original: torch.Tensor, masked: torch.Tensor, omega: float, modulated_by_prob: bool = False
+    original: torch.Tensor, masked: torch.Tensor, omega: float | torch.Tensor, modulated_by_prob: bool = False
 ) -> torch.Tensor:
-    """SPA's augmented logits in float32.
+    """SPA's augmented logits in float32; ``omega`` is one number, or a (rows, 1) tensor with one per row.
+
+    The weights ``omega`` and ``1 - omega`` are formed in float64 and only then rounded to float32, as a Python
+    number is, so a row's scores are bit for bit the same whether its omega comes alone or in a tensor.
 
     ``modulated_by_prob`` is the official ``anchoring`` package's weighting (used there only when
     |omega| > 1): ``original + (omega - 1) * p / max(p) * (original - masked)`` with ``p`` the softmax
@@ -120,11 +124,13 @@ def combine_logits(
     """
     original = original.float()
     masked = masked.float()
-    if modulated_by_prob and abs(omega) > 1:
-        probs = F.softmax(original, dim=-1).clamp(min=1e-6)
-        weights = (omega - 1.0) * probs / probs.amax(dim=-1, keepdim=True)
-        return original + weights * (original - masked)
-    return omega * original + (1.0 - omega) * masked
+    omega = torch.as_tensor(omega, dtype=torch.float64, device=original.device)
+    linear = omega.float() * original + (1.0 - omega).float() * masked
+    if not modulated_by_prob:
+        return linear
+    probs = F.softmax(original, dim=-1).clamp(min=1e-6)
+    weights = (omega - 1.0).float() * probs / probs.amax(dim=-1, keepdim=True)
+    return torch.where(omega.abs() > 1, original + weights * (original - masked), linear)
 
 
 @lru_cache(maxsize=None)
@@ -161,7 +167,7 @@ def decode(
     model,
     prompts: Sequence[Sequence[int]],
     anchor_masks: Sequence[Sequence[bool]] | None = None,
-    omega: float | None = None,
+    omega: float | Sequence[float] | None = None,
     mask_token_id: int | None = None,
     max_new_tokens: int | Sequence[int] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -186,14 +192,17 @@ def decode(
     Args:
         prompts: unpadded token-id lists (BOS included if the model expects it).
         anchor_masks: same shapes as ``prompts``, True where a token is anchored.
-        omega: anchoring strength; 1 = plain model, > 1 amplifies the anchored tokens, 0 = masked prompt.
+        omega: anchoring strength; 1 = plain model, > 1 amplifies the anchored tokens, 0 = masked prompt. One
+            number, or one per prompt: prompts of different strengths (the cells of a sweep) then share forward
+            passes, and each prompt's ids are those it gets decoded alone.
         mask_token_id: the id that replaces anchored tokens in the masked view (``masking="token"``).
         max_new_tokens: at most this many new ids per sequence: one int, or one per prompt (0: nothing is
             generated for that prompt, its result is ``[]``).
         eos_token_id: one or several ids; a sequence stops after the first of them (included in its ids).
         batch_size: sequences per forward pass (each costs two rows: original and masked view);
-            None = all at once. Sequences are grouped by prompt length to limit padding; results do not
-            depend on the grouping.
+            None = all at once. Sequences are grouped by the views they need and by prompt length to limit
+            padding; results do not depend on the grouping. Sequences of one batch with identical views
+            (one prompt at several omegas, or its samples) are prefilled once and share that KV cache.
         masked_prompts: instead of ``anchor_masks``: the masked view of each prompt as token ids of any
             length (e.g. :func:`spa.masking.masked_view` with ``"replace"`` or ``"delete"``), used as they
             are. Each view has its own left padding and position ids.
@@ -214,13 +223,14 @@ def decode(
         raise TypeError("spa.decode needs omega and max_new_tokens, e.g. decode(model, prompts, omega=1.3, masked_prompts=..., max_new_tokens=256)")
     validate_masking(masking)
     config = Sampling.from_kwargs(**sampling)
-    omega = float(omega)
     prompts = [list(prompt) for prompt in prompts]
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty")
+    omegas = _omegas(omega, len(prompts))
     masked, masked_keep = resolve_masked_views(prompts, anchor_masks=anchor_masks, mask_token_id=mask_token_id,
-                                       masked_prompts=masked_prompts, masking=masking, omega=omega)
+                                       masked_prompts=masked_prompts, masking=masking,
+                                       omega=next((o for o in omegas if o != 1.0), 1.0))
     budgets = _budgets(max_new_tokens, len(prompts))
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -229,15 +239,26 @@ def decode(
     def row_width(prompt_index: int) -> int:
         return max(len(prompts[prompt_index]), len(masked[prompt_index]) if masked is not None else 0)
 
-    # One sequence per (prompt, sample) with new tokens to make; widest first so that chunks hold
-    # prompts of similar length.
+    def identical_views(prompt_index: int) -> tuple:
+        return (tuple(prompts[prompt_index]), tuple(masked[prompt_index]) if masked is not None else None,
+                tuple(masked_keep[prompt_index]) if masked_keep is not None else None)
+
+    first_of: dict[tuple, int] = {}
+    twin = [first_of.setdefault(identical_views(p), p) for p in range(len(prompts))]  # first prompt with the same views
+    # One sequence per (prompt, sample) with new tokens to make. A chunk holds sequences that need the same views;
+    # widest first so that chunks hold prompts of similar length, and identical views side by side so that they
+    # land in one chunk and are prefilled once.
     sequences = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
     results: list[list[int]] = [[] for _ in sequences]
-    order = sorted((i for i, (p, _) in enumerate(sequences) if budgets[p] > 0), key=lambda i: -row_width(sequences[i][0]))
-    chunk = batch_size or max(len(order), 1)
+    order = sorted((i for i, (p, _) in enumerate(sequences) if budgets[p] > 0),
+                   key=lambda i: (views_for(omegas[sequences[i][0]]), -row_width(sequences[i][0]), twin[sequences[i][0]]))
+    chunks = []
+    for views, members in itertools.groupby(order, key=lambda i: views_for(omegas[sequences[i][0]])):
+        members = list(members)
+        step = batch_size or len(members)
+        chunks.extend((views, members[start : start + step]) for start in range(0, len(members), step))
     bar = tqdm(total=len(order), desc="SPA decode", unit="seq", disable=not progress)
-    for start in range(0, len(order), chunk):
-        members = order[start : start + chunk]
+    for views, members in chunks:
         keys = [sequences[i] for i in members]
         decoded = _decode_chunk(
             model,
@@ -246,7 +267,9 @@ def decode(
             [masked_keep[p] for p, _ in keys] if masked_keep is not None else None,
             keys,
             [budgets[p] for p, _ in keys],
-            omega=omega,
+            omegas=[omegas[p] for p, _ in keys],
+            views=views,
+            twins=[twin[p] for p, _ in keys],
             eos_ids=eos_ids,
             modulated_by_prob=modulated_by_prob,
             stopping_criteria=stopping_criteria,
@@ -337,6 +360,16 @@ def resolve_masked_views(
     return [masked_prompt_ids(p, m, mask_token_id) for p, m in zip(prompts, anchor_masks)], None
 
 
+def _omegas(omega: float | Sequence[float], n_prompts: int) -> list[float]:
+    """The anchoring strength of each prompt, from one number or one per prompt."""
+    if isinstance(omega, (int, float, np.integer, np.floating)):
+        return [float(omega)] * n_prompts
+    omegas = [float(o) for o in omega]
+    if len(omegas) != n_prompts:
+        raise ValueError(f"omega holds {len(omegas)} values for {n_prompts} prompts: give one number for all, or one per prompt.")
+    return omegas
+
+
 def _budgets(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
     """New tokens allowed per prompt."""
     if isinstance(max_new_tokens, (int, np.integer)):
@@ -362,7 +395,9 @@ def _decode_chunk(
     sequence_keys: list[tuple[int, int]],
     budgets: list[int],
     *,
-    omega: float,
+    omegas: list[float],
+    views: tuple[str, ...],
+    twins: list[int],
     eos_ids: list[int],
     modulated_by_prob: bool,
     stopping_criteria: Sequence[StoppingCriterion],
@@ -374,9 +409,21 @@ def _decode_chunk(
 ) -> list[list[int]]:
     device = model_device(model)
     n = len(prompts)
-    views = views_for(omega)
-    batch = build_views(prompts, masked, views=views, masked_keep=masked_keep, device=device)
     n_views = len(views)
+    # Sequences with identical views (the same ``twins`` entry: one prompt at several omegas, or its samples) have
+    # the same prefill: it runs once, on the first of them, and the cache rows are copied to the others after the
+    # first forward. Instrumented runs (observer, before_forward) see every row, so they share nothing.
+    share = observer is None and before_forward is None
+    first_with: dict[int, int] = {}
+    owner = [first_with.setdefault(key, i) if share else i for i, key in enumerate(twins)]
+    unique = sorted(set(owner))
+    expand = torch.tensor([unique.index(o) for o in owner], device=device)
+    expand_rows = (expand[:, None] * n_views + torch.arange(n_views, device=device)).flatten() if len(unique) < n else None
+    batch = build_views([prompts[i] for i in unique], [masked[i] for i in unique] if masked is not None else None, views=views,
+                        masked_keep=[masked_keep[i] for i in unique] if masked_keep is not None else None, device=device)
+    # The weights on each view, formed in float64 and rounded once, as combine_logits forms them.
+    weights = torch.tensor(omegas, dtype=torch.float64, device=device)[:, None]
+    weight_original, weight_masked = weights.float(), (1.0 - weights).float()
     # The LM head is affine, so omega * W h_o + (1 - omega) * W h_m = W (omega * h_o + (1 - omega) * h_m):
     # in full-precision models the head runs once per sequence on the combined hidden state. Half
     # precision keeps the per-view logits, so that they are combined in float32 as the paper computes.
@@ -389,23 +436,27 @@ def _decode_chunk(
     logits_to_keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
     cache = DynamicCache(config=model.config)
 
-    def forward(step: int, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One step over all rows -> float32 scores of each active sequence."""
+    def forward(step: int, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One step over all rows -> float32 scores of each active sequence; ``rows``: the row of each active
+        sequence's view among the rows given (the first step of shared prefills), its cache copied there."""
         if before_forward is not None:
             before_forward([sequence_keys[i] for i in active.tolist() for _ in views], mask)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
         outputs = model.base_model(**kwargs) if fused_head else model(**kwargs, **logits_to_keep)
         if observer is not None:
             observer(step, outputs, [sequence_keys[i] for i in active.tolist()], views)
+        last = outputs.last_hidden_state[:, -1] if fused_head else outputs.logits[:, -1]
+        if rows is not None:
+            last = last[rows]
+            cache.batch_select_indices(rows)
         if fused_head:
-            hidden = outputs.last_hidden_state[:, -1].float()
-            combined = omega * hidden[0::2] + (1.0 - omega) * hidden[1::2]
+            hidden = last.float()
+            combined = weight_original[active] * hidden[0::2] + weight_masked[active] * hidden[1::2]
             head = model.get_output_embeddings()
             return head(combined.to(head.weight.dtype)).float()
-        logits = outputs.logits[:, -1]
         if n_views == 1:
-            return logits.float()
-        return combine_logits(logits[0::2], logits[1::2], omega, modulated_by_prob)
+            return last.float()
+        return combine_logits(last[0::2], last[1::2], weights[active], modulated_by_prob)
 
     # Both views agree up to the first differing token (spa.views aligns those columns even when the
     # views differ in length): that prefix is prefilled once, on the first view's rows, and copied.
@@ -418,8 +469,9 @@ def _decode_chunk(
                          position_ids=batch.position_ids[first, :shared], past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(n_views)
     active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
-    attention = batch.attention_mask
-    scores = forward(0, batch.input_ids[:, shared:], attention, batch.position_ids[:, shared:])
+    scores = forward(0, batch.input_ids[:, shared:], batch.attention_mask, batch.position_ids[:, shared:], expand_rows)
+    every_row = expand_rows if expand_rows is not None else slice(None)
+    attention = batch.attention_mask[every_row]
     if bool(scores.isnan().any()):
         # Seen with transformers' eager attention in float64 on left-padded batches: fully masked padding
         # rows become NaN and spread. Fail loudly instead of decoding garbage.
@@ -436,7 +488,7 @@ def _decode_chunk(
     budget = torch.tensor(budgets, device=device)
     generated = torch.zeros(n, max(budgets), dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
-    next_position = batch.position_ids[:, -1:] + 1
+    next_position = batch.position_ids[every_row, -1:] + 1
     for step in range(max(budgets)):
         if sampling.do_sample:
             for warper in warpers:

@@ -95,6 +95,35 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_model, omega):
     assert chunked == single
 
 
+@pytest.mark.parametrize("modulated", [False, True])
+def test_per_prompt_omegas_equal_each_prompt_decoded_alone_and_share_the_prefill(tiny_model, modulated):
+    """The cells of a sweep in one call: each prompt at several omegas (the plain 1 and the masked-only 0 among
+    them), token for token what each gets alone; identical views are prefilled once."""
+    base, base_masks = random_prompts([11, 16, 7], seed=5)
+    omegas = [1.3, 1.0, 0.0, -0.5, 1.3, 2.0]
+    prompts = [p for p in base for _ in omegas]
+    masks = [m for m in base_masks for _ in omegas]
+    every = omegas * len(base)
+    prefill_rows = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+    try:
+        together = spa.decode(tiny_model, prompts, masks, omega=every, mask_token_id=MASK_ID, max_new_tokens=8,
+                              modulated_by_prob=modulated)
+    finally:
+        hook.remove()
+    alone = [spa.decode(tiny_model, [p], [m], omega=o, mask_token_id=MASK_ID, max_new_tokens=8, modulated_by_prob=modulated)[0]
+             for p, m, o in zip(prompts, masks, every)]
+    assert together == alone
+    # Three chunks (both views, original only, masked only), each prefilling the three distinct prompts' rows once.
+    assert prefill_rows and max(prefill_rows) <= 2 * len(base)
+    chunked = spa.decode(tiny_model, prompts, masks, omega=every, mask_token_id=MASK_ID, max_new_tokens=8,
+                         modulated_by_prob=modulated, batch_size=4)
+    assert chunked == alone
+    with pytest.raises(ValueError, match="omega holds 2 values for 18 prompts"):
+        spa.decode(tiny_model, prompts, masks, omega=[1.0, 1.3], mask_token_id=MASK_ID, max_new_tokens=8)
+
+
 def test_equals_transformers_classifier_free_guidance(tiny_model):
     prompts, masks = random_prompts([10, 15])
     omega = 1.5

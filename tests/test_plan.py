@@ -20,18 +20,22 @@ def test_plan_counts_each_generation_once_and_sees_what_is_done(tmp_path, data_d
     common = [f"paths.results_dir={tmp_path}", f"paths.data_dir={data_dir}", "limit=2", "evaluate=false",
               "generation.max_new_tokens=4", "experiment_name=race"]
     tiny = plan([common + SWEEP])[0]["tiny"]
-    # omega = 1 is one cell (anchor none) for the four anchors: 5 cells of 2 tasks.
-    assert (tiny.jobs, len(tiny.cells), len(tiny.cells_done), tiny.generations, tiny.generations_done) == (8, 5, 0, 10, 0)
+    # One group job (one model and benchmark); omega = 1 is one cell (anchor none) for the four anchors: 5 cells of 2 tasks.
+    assert (tiny.jobs, len(tiny.cells), len(tiny.cells_done), tiny.generations, tiny.generations_done) == (1, 5, 0, 10, 0)
     assert tiny.tokens_to_do == 10 * 4
+    per_cell, lines, _ = plan([common + SWEEP + ["grouping=cell"]])
+    assert per_cell["tiny"].jobs == 8 and lines == ["sweep race: 8 jobs (one per cell), 5 cells, 10 new generations"]
+    assert plan([common + SWEEP + ["benchmark=humaneval,mbpp", "skip_invalid=true"]])[0]["tiny"].jobs == 2
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         run_cell(compose("run", overrides=[*common, "anchor=nl", "spa.omega=1.3"]))
     again = common[:-1] + ["experiment_name=again", "anchor=nl,nl+test", "spa.omega=1.3"]
     models, lines, throughput = plan([common + SWEEP, again])
     tiny = models["tiny"]
-    assert (tiny.jobs, len(tiny.cells), len(tiny.cells_done), tiny.generations, tiny.generations_done) == (10, 7, 1, 10, 2)
-    assert lines == ["sweep race: 8 jobs, 5 cells, 8 new generations", "sweep again: 2 jobs, 2 cells, 0 new generations"]
+    assert (tiny.jobs, len(tiny.cells), len(tiny.cells_done), tiny.generations, tiny.generations_done) == (2, 7, 1, 10, 2)
+    assert lines == ["sweep race: 1 jobs (one per model, benchmark and protocol), 5 cells, 8 new generations",
+                     "sweep again: 1 jobs (one per model, benchmark and protocol), 2 cells, 0 new generations"]
     text = render(models, lines, throughput)
-    assert "total: 10 jobs (0 skipped as invalid), 7 cells (1 done), 8 generations to run" in text
+    assert "total: 2 jobs, 7 cells (1 done; 0 combinations skipped as invalid), 8 generations to run" in text
     assert "GPU-hours: " in text and "upper bound" in text
 
 
@@ -55,7 +59,7 @@ def test_plan_cli(tmp_path, data_dir):
 
     result = plan_cli("-m", "+experiment=demo", "limit=1")
     assert result.returncode == 0, result.stderr
-    assert "sweep demo: 8 jobs, 6 cells" in result.stdout and "GPU-hours" in result.stdout
+    assert "sweep demo: 2 jobs (one per model, benchmark and protocol), 6 cells" in result.stdout and "GPU-hours" in result.stdout
     refused = plan_cli("+experiment=demo", "omega=1.3")
     assert refused.returncode == 2 and "Unknown setting 'omega'" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "runs").exists()

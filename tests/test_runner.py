@@ -423,3 +423,108 @@ def test_parallel_sweep_shares_cells_and_builds_caches_once(tmp_path, data_dir):
         assert json.loads((again / "manifest.json").read_text())["generation_store"]["generated_here"] == 0
     assert sorted(p.parent for p in (results / "cells").rglob("manifest.json")) == generations
     assert all(len(json.loads((g / "manifest.json").read_text())["runs"]) == 1 for g in generations)
+
+
+def cell_samples(path):
+    return [{k: v for k, v in s.items()} for s in read_lines(path / "samples.jsonl")]
+
+
+GROUP = [["anchor=nl", "spa.omega=1.3"], ["anchor=nl", "spa.omega=1.0"], ["anchor=nl+test", "spa.omega=1.3"],
+         ["anchor=nl+test", "spa.omega=0.0"], ["anchor=nl", "spa.omega=1.6"], ["method=cfg", "method.negative=masked", "method.guidance_scale=1.3"]]
+
+
+def test_a_group_job_gives_each_cell_the_samples_it_gets_alone(make_cfg, monkeypatch, tmp_path):
+    """One model load, every cell's rows in the same batches and shared prefills: the samples of each cell are
+    those of the cell run on its own (greedy, token for token), and resuming a group decodes only what is missing."""
+    from eval import runner
+
+    # Another results tree: the group must decode, not reuse these generations.
+    alone = [run_cell(make_cfg(*cell, f"paths.results_dir={tmp_path}/alone", "limit=4")) for cell in GROUP]
+    loads, real_load = [], runner.load
+    monkeypatch.setattr(runner, "load", lambda cfg: loads.append(1) or real_load(cfg))
+    runner.run_group([make_cfg(*GROUP[0], "experiment_name=group", "limit=2")])  # a cell already half there
+    calls, real = [], runner.decode_inputs
+    monkeypatch.setattr(runner, "decode_inputs", lambda *args, **kwargs: calls.append(len(args[2])) or real(*args, **kwargs))
+    together = runner.run_group([make_cfg(*cell, "experiment_name=group", "limit=4", "generation.batch_size=6") for cell in GROUP])
+    assert [p.parts[-5:] for p in together] == [p.parts[-5:] for p in alone]
+    for one, group in zip(alone, together):
+        assert read_lines(group / "samples.jsonl") == read_lines(one / "samples.jsonl"), group
+    assert len(loads) == 2, "the model is loaded once per group job"
+    # The first cell had 2 of its 4 tasks: 2 + 5 * 4 rows, in full batches of 6 sequences.
+    assert calls == [6, 6, 6, 4]
+    assert runner.run_group([make_cfg(*cell, "experiment_name=group", "limit=4") for cell in GROUP]) == together
+    assert calls == [6, 6, 6, 4], "a finished group decodes nothing"
+
+
+def test_shards_merge_into_the_unsharded_cell_evaluated_once(make_cfg, monkeypatch, tmp_path):
+    import eval.execution.evaluate as evaluate
+
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate_samples", lambda benchmark, samples, **kwargs: evaluated.append(
+        [s["task_id"] for s in samples]) or {"pass@1": {"base": 0.0, "plus": 0.0}, "tasks": {}})
+    whole = run_cell(make_cfg("spa.omega=1.3", f"paths.results_dir={tmp_path}/whole", "limit=5"))  # not reused by the shards
+    assert len(evaluated) == 0, "evaluate=false"
+    shard = lambda i: make_cfg("spa.omega=1.3", "experiment_name=sharded", "limit=5", "evaluate=true", "shards=2", f"shard={i}")  # noqa: E731
+    path = run_cell(shard(1))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["missing_tasks"] == 3 and not evaluated
+    assert [s["task_id"] for s in read_lines(path / "samples.jsonl")] == ["HumanEval/1", "HumanEval/3"]
+    run_cell(shard(0))
+    assert evaluated == [["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4"]], "the last shard evaluates"
+    assert json.loads((path / "manifest.json").read_text())["status"] == "complete"
+    merged = sorted(read_lines(path / "samples.jsonl"), key=lambda s: s["task_id"])
+    assert merged == read_lines(whole / "samples.jsonl")
+    store = json.loads(((path / "samples.jsonl").resolve().parent / "manifest.json").read_text())
+    assert [(r["shard"], r["shards"], r["tasks"]) for r in store["runs"]] == [(1, 2, 2), (0, 2, 3)]
+    run_cell(shard(1))
+    assert len(evaluated) == 1, "a complete cell is not evaluated again"
+
+
+def test_parallel_shards_and_evaluate_cells(make_cfg, tmp_path, model_cache, data_dir):
+    """Two shards in parallel processes write one generation safely; scripts/evaluate_cells.py evaluates complete,
+    unevaluated cells (here: generated with evaluate=false)."""
+    common = [f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}", "limit=4",
+              "evaluate=false", "generation.max_new_tokens=6", "generation.batch_size=1", "spa.omega=1.3", "experiment_name=par"]
+    run = lambda *extra: subprocess.Popen([sys.executable, "scripts/run.py", *common, *extra], cwd=REPO_ROOT,  # noqa: E731
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shards = [run("shards=2", f"shard={i}") for i in (0, 1)]
+    for process in shards:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    path = tmp_path / "runs" / "par" / "tiny" / "humaneval" / "evalplus" / "nl" / "omega=1.3"
+    assert sorted(s["task_id"] for s in read_lines(path / "samples.jsonl")) == [f"HumanEval/{i}" for i in range(4)]
+    assert json.loads((path / "manifest.json").read_text())["status"] == "generated"
+    alone = run_cell(make_cfg("spa.omega=1.3", f"paths.results_dir={tmp_path}/alone", "limit=4"))
+    assert sorted(read_lines(path / "samples.jsonl"), key=lambda s: s["task_id"]) == read_lines(alone / "samples.jsonl")
+    listed = subprocess.run([sys.executable, "scripts/evaluate_cells.py", str(tmp_path / "runs"), "--dry-run"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    assert f"to evaluate: {path}" in listed.stdout and "1 cells to evaluate" in listed.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["shards=2", "shard=2"], "shards=2 shard=2: shards must be an integer >= 1"),
+    (["shards=0"], "shards=0 shard=0: shards must be an integer >= 1"),
+    (["shards=2", "force=true"], "force=true with shards=2"),
+    (["-m", "grouping=cells", "spa.omega=1.0,1.3"], "grouping='cells' is not one of model_benchmark, cell"),
+])
+def test_bad_shards_exit_2(arguments, message, tmp_path, data_dir):
+    result = subprocess.run([sys.executable, "scripts/run.py", *arguments, f"paths.results_dir={tmp_path}", f"paths.data_dir={data_dir}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sweep_runs_as_group_jobs_through_hydra(tmp_path, model_cache, data_dir, make_cfg):
+    """`run.py -m` with the basic launcher: one job for the model and benchmark, holding every cell, each cell's samples
+    those of the cell run alone."""
+    common = [f"paths.results_dir={tmp_path}", f"paths.cache_dir={model_cache}", f"paths.data_dir={data_dir}", "limit=2",
+              "evaluate=false", "generation.max_new_tokens=6"]
+    result = subprocess.run([sys.executable, "scripts/run.py", "-m", *common, "experiment_name=swept", "anchor=nl,nl+test",
+                             "spa.omega=1.0,1.3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tiny humaneval evalplus: 3 cells" in result.stderr, "one job decodes the three cells together"
+    for anchor, omega in [("nl", "1.3"), ("nl+test", "1.3"), ("none", "1.0")]:
+        swept = tmp_path / "runs" / "swept" / "tiny" / "humaneval" / "evalplus" / anchor / f"omega={omega}"
+        alone = run_cell(make_cfg(f"anchor={anchor if anchor != 'none' else 'nl'}", f"spa.omega={omega}", "experiment_name=alone", "limit=2"))
+        assert read_lines(swept / "samples.jsonl") == read_lines(alone / "samples.jsonl")

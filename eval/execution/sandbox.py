@@ -273,6 +273,7 @@ class _ChildRun:
         self.phase, self.index = first_phase, -1  # what the program is doing; index -1: defining
         self.worker_ready = self.stopped = self.ended = False
         self.streaming: _StreamedOutput | None = None
+        self.cpu_reading: float | None = None
         self.memory_limit = suite.memory_limit or self.cfg.memory_limit_mb << 20
         self.total_cpu = sum(ph.cpu_budget for ph in suite.phases[first_phase:])
 
@@ -369,6 +370,7 @@ class _ChildRun:
             now = time.monotonic()
             wait = min(self.wall_deadline, self._next_check(now)) - now
             events = poller.poll(max(0, int(wait * 1000) + 1))
+            self.cpu_reading = None
             for fd, _ in events:
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
@@ -389,15 +391,22 @@ class _ChildRun:
                 self._stop(TIMEOUT, self._wall_reason())
                 return
 
+    def _cpu(self) -> float:
+        """The tree's CPU seconds, read once per wake-up of the conversation (the child is blocked waiting
+        for its go-ahead meanwhile, so one reading serves every record of that wake-up)."""
+        if self.cpu_reading is None:
+            self.cpu_reading = self.meter.cpu_seconds()
+        return self.cpu_reading
+
     def _next_check(self, now: float) -> float:
         if not self.worker_ready:
             return now + _CHECK_INTERVAL
-        remaining = self.step_cpu_limit - (self.meter.cpu_seconds() - self.step_cpu_start)
+        remaining = self.step_cpu_limit - (self._cpu() - self.step_cpu_start)
         return now + min(max(remaining, 0.005), _CHECK_INTERVAL)
 
     def _start_clock(self) -> None:
         """The W record: the program is about to run; the per-sample clocks start now."""
-        now, cpu = time.monotonic(), self.meter.cpu_seconds()
+        now, cpu = time.monotonic(), self._cpu()
         self.sample_cpu_start = self.phase_cpu_start = cpu
         self.sample_wall_deadline = now + self.cfg.wall_factor * self.total_cpu + self.cfg.wall_slack_s
         self._start_step(now, cpu)
@@ -405,7 +414,7 @@ class _ChildRun:
     def _start_step(self, now: float | None = None, cpu: float | None = None) -> None:
         """A new step (defining the solution, or one input) starts: its CPU and wall-clock allowance."""
         now = time.monotonic() if now is None else now
-        self.step_cpu_start = self.meter.cpu_seconds() if cpu is None else cpu
+        self.step_cpu_start = self._cpu() if cpu is None else cpu
         phase = self.suite.phases[self.phase]
         self.step_cpu_limit = phase.cpu_budget if self.index < 0 or self.record else phase.cpu_limits[self.index]
         step_deadline = now + self.cfg.wall_factor * self.step_cpu_limit + self.cfg.wall_slack_s
@@ -415,7 +424,7 @@ class _ChildRun:
         """Measures the tree: False (and a verdict) when it is over a limit."""
         if self.done:
             return True
-        cpu = self.meter.cpu_seconds()
+        cpu = self._cpu()
         phase = self.suite.phases[self.phase]
         if cpu - self.step_cpu_start > self.step_cpu_limit:
             what = f"{self.step_cpu_limit:.2f}s of CPU time" if self.index >= 0 else f"{self.step_cpu_limit:.1f}s of CPU time defining the solution"
@@ -551,7 +560,7 @@ class _ChildRun:
 
     def _start_phase(self) -> None:
         if not self.done:
-            self.phase_cpu_start = self.meter.cpu_seconds()
+            self.phase_cpu_start = self._cpu()
             self._start_step()
 
     def _go(self, answer: bytes) -> bool:
@@ -559,6 +568,14 @@ class _ChildRun:
         started before this, so no CPU time goes unmeasured."""
         if self.done:
             return True  # the run ends here; what is left of the sample is killed
+        try:
+            if os.write(self.in_fd, answer) == len(answer):  # the usual case: the pipe has room
+                return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._stop(ERROR, "the program stopped reading the harness's go-ahead")
+            return False
         if not _send(self.in_fd, answer, time.monotonic() + self.cfg.startup_timeout_s):
             self._stop(ERROR, "the program stopped reading the harness's go-ahead")
             return False
@@ -682,6 +699,7 @@ class _Cgroup:
     def __init__(self, dirs: dict[str, Path]):
         self.dirs = dirs
         self._oom_before = 0
+        self._usage_fd: int | None = None  # cpuacct.usage, kept open: read after every output
 
     @classmethod
     def create(cls, name: str) -> _Cgroup:
@@ -725,7 +743,9 @@ class _Cgroup:
         return [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
 
     def cpu_seconds(self) -> float:
-        return int(self._read("cpuacct", "cpuacct.usage")) / 1e9
+        if self._usage_fd is None:
+            self._usage_fd = os.open(self.dirs["cpuacct"] / "cpuacct.usage", os.O_RDONLY | os.O_CLOEXEC)
+        return int(os.pread(self._usage_fd, 64, 0)) / 1e9
 
     def memory_over(self, limit: int) -> str | None:
         return None  # the kernel enforces the limit; oom_reason() says when it did
@@ -758,6 +778,9 @@ class _Cgroup:
             time.sleep(0.005)
 
     def remove(self) -> None:
+        if self._usage_fd is not None:
+            os.close(self._usage_fd)
+            self._usage_fd = None
         try:
             self.kill_and_wait()
         except (OSError, SandboxError):

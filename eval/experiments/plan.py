@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from eval.experiments.grouping import group_jobs, grouping_text, job_key
 from eval.experiments.settings import project_path
 from eval.store import REPO_ROOT, read_json
 
@@ -37,7 +38,7 @@ GPU_NAMES = ("nvidia", "tesla", "geforce", "quadro", "instinct", "radeon")
 
 @dataclass
 class ModelPlan:
-    jobs: int = 0
+    job_keys: set = field(default_factory=set)  # the launched jobs (group jobs: one per model, benchmark, protocol)
     skipped: int = 0  # combinations the sweep skips (skip_invalid)
     cells: set = field(default_factory=set)
     cells_done: set = field(default_factory=set)
@@ -47,6 +48,10 @@ class ModelPlan:
     parameters_b: float = math.nan
     quantization: str = "none"
     dtype: str = "auto"
+
+    @property
+    def jobs(self) -> int:
+        return len(self.job_keys)
 
     @property
     def weights_gb(self) -> float:
@@ -64,14 +69,15 @@ class Throughput:
         return tokens / rate / 3600
 
 
-def sweep_jobs(primary: str, overrides: list[str]) -> list[list[str]]:
-    """Each job's overrides, as Hydra's basic sweeper would launch them (Hydra's own overrides left out)."""
+def sweep_jobs(primary: str, overrides: list[str]) -> tuple[list[list[str]], str]:
+    """Each cell's overrides, as Hydra's basic sweeper expands them (Hydra's own overrides left out), and the
+    sweep's ``grouping`` (how the launched jobs hold those cells: eval.experiments.grouping)."""
     parser = OverridesParser.create()
     parsed = [o for o in parser.parse_overrides(overrides) if not o.is_hydra_override()]
     master = compose(primary, overrides=[o.input_line for o in parsed if not o.is_sweep_override()], return_hydra_config=True)
     params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
     (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(params + [o.input_line for o in parsed]), None)
-    return jobs
+    return jobs, str(master.get("grouping", "cell"))
 
 
 def measured_throughput(bench_dir: Path = BENCH_DIR) -> Throughput:
@@ -137,8 +143,9 @@ def plan(sweeps: list[list[str]], primary: str = "run") -> tuple[dict[str, Model
     tasks_cache: dict[tuple, dict] = {}
     lines = []
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        for overrides in sweeps:
-            jobs = sweep_jobs(primary, overrides)
+        for number, overrides in enumerate(sweeps):
+            jobs, grouping = sweep_jobs(primary, overrides)
+            launched = len(group_jobs(jobs, grouping))
             before = sum(m.generations - m.generations_done for m in models.values())
             cells, name = set(), None
             for job in jobs:
@@ -147,7 +154,7 @@ def plan(sweeps: list[list[str]], primary: str = "run") -> tuple[dict[str, Model
                 with contextlib.redirect_stdout(io.StringIO()):  # skip_invalid's "skip: ..." lines
                     cell = plan_cell(cfg, attention=attention)
                 model = models[cfg.model.name]
-                model.jobs += 1
+                model.job_keys.add((number, job_key(job, grouping)))
                 if cell is None:
                     model.skipped += 1
                     continue
@@ -172,7 +179,7 @@ def plan(sweeps: list[list[str]], primary: str = "run") -> tuple[dict[str, Model
                 if _cell_done(cell.path, cell.settings.fingerprint, wanted, bool(cfg.evaluate)):
                     model.cells_done.add(cell.path)
             after = sum(m.generations - m.generations_done for m in models.values())
-            lines.append(f"sweep {name or ' '.join(overrides)}: {len(jobs)} jobs, {len(cells)} cells, "
+            lines.append(f"sweep {name or ' '.join(overrides)}: {launched} jobs ({grouping_text(grouping)}), {len(cells)} cells, "
                          f"{after - before:,} new generations")
     return dict(models), lines, measured_throughput()
 
@@ -190,8 +197,9 @@ def render(models: dict[str, ModelPlan], lines: list[str], throughput: Throughpu
     skipped = sum(m.skipped for m in models.values())
     return "\n".join([
         *lines, "", *rows, "",
-        f"total: {sum(m.jobs for m in models.values())} jobs ({skipped} skipped as invalid), "
-        f"{sum(len(m.cells) for m in models.values())} cells ({sum(len(m.cells_done) for m in models.values())} done), "
+        f"total: {sum(m.jobs for m in models.values())} jobs, "
+        f"{sum(len(m.cells) for m in models.values())} cells ({sum(len(m.cells_done) for m in models.values())} done; "
+        f"{skipped} combinations skipped as invalid), "
         f"{sum(m.generations - m.generations_done for m in models.values()):,} generations to run, "
         f"about {total_hours:.1f} GPU-hours",
         f"GPU-hours: {throughput.source}. Tokens assume every sample runs to generation.max_new_tokens (an upper bound; "
