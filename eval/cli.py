@@ -8,13 +8,13 @@ run with one line instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from eval.errors import HarnessError, Interrupted
 from eval.experiments.grouping import check_grouping
@@ -117,42 +117,39 @@ def check_unknown_keys(config_name: str, argv: list[str]) -> None:
         )
 
 
-def exit_on_harness_error(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """Wrap a Hydra task function: a HarnessError exits 2 with its message (Hydra would print a trace, exit 1), and
-    Ctrl-C exits 130 with one line."""
+class exit_on_harness_error(contextlib.ContextDecorator):
+    """Every entry point's exit on bad input: ``with exit_on_harness_error():`` around an argparse script's main (and
+    in ``run_main``), or ``@exit_on_harness_error()`` under ``@hydra.main`` on a task function. A HarnessError exits
+    with its ``exit_code`` (2) and its message (Hydra would print a trace, exit 1); Ctrl-C exits 130 with the one line
+    ``ctrl_c`` (None: a plain KeyboardInterrupt, for a command with nothing to resume). A class, not a generator:
+    submitit pickles the decorated task for its jobs."""
 
-    @functools.wraps(task)
-    def wrapper(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Interrupted as error:
+    def __init__(self, ctrl_c: str | None = INTERRUPTED) -> None:
+        self.ctrl_c = ctrl_c
+
+    def __enter__(self) -> "exit_on_harness_error":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, Interrupted):
             print(error, file=sys.stderr)
             sys.exit(error.exit_code)
-        except HarnessError as error:
+        if isinstance(error, HarnessError):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(error.exit_code)
-        except KeyboardInterrupt:
-            print(INTERRUPTED, file=sys.stderr)
+        if isinstance(error, KeyboardInterrupt) and self.ctrl_c is not None:  # in a task, or in Hydra's launcher
+            print(self.ctrl_c, file=sys.stderr)
             sys.exit(Interrupted.exit_code)
-
-    return wrapper
 
 
 def run_main(hydra_main: Callable[[], None], config_name: str | None = None) -> None:
     """Check the command line's config-group choices (and, given the main's ``config_name``, its keys), then run
     the Hydra main."""
-    try:
+    with exit_on_harness_error():
         check_group_overrides(sys.argv[1:])
         for argument in sys.argv[1:]:  # the sweeper groups the jobs before any job could report it
             if argument.startswith("grouping="):
                 check_grouping(argument.partition("=")[2])
         if config_name:
             check_unknown_keys(config_name, sys.argv[1:])
-    except HarnessError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    try:
         hydra_main()
-    except KeyboardInterrupt:  # in the launcher, between or around jobs
-        print(INTERRUPTED, file=sys.stderr)
-        sys.exit(Interrupted.exit_code)

@@ -17,7 +17,7 @@ from eval.runner import run_attention_cell
 
 
 @hydra.main(config_path="../configs", config_name="attention", version_base="1.3")
-@exit_on_harness_error
+@exit_on_harness_error()
 def main(cfg: DictConfig) -> None:
     run_attention_cell(cfg)
 

@@ -52,7 +52,7 @@ PRESETS = {
                   new_tokens=8, repeats=1, threads=2),
 }
 VOCAB = 32256
-MASK_ID = 32014  # DeepSeek-Coder's <pad>, the authors' mask token for it
+MASK_ID = 32014  # DeepSeek-Coder's declared pad token <｜end▁of▁sentence｜> (protocol=evalplus; random weights: any id does)
 OMEGA = 1.3
 GUIDANCE_SCALE = 1.5  # CFG's default (configs/method/cfg.yaml)
 ALPHA = 0.5  # CAD's default (configs/method/cad.yaml)

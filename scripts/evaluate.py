@@ -19,18 +19,19 @@ from omegaconf.errors import MissingMandatoryValue
 
 from eval.cli import exit_on_harness_error, run_main
 from eval.errors import ConfigError
+from eval.experiments.settings import project_path
 from eval.execution.evaluate import PHASES, evaluate_samples, executor_settings, load_samples, write_eval_results
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
-@exit_on_harness_error
+@exit_on_harness_error()
 def main(cfg: DictConfig) -> None:
     evaluate_from_config(cfg)
 
 
 def evaluate_from_config(cfg: DictConfig) -> Path:
     try:
-        samples_path = Path(to_absolute_path(cfg.samples))
+        samples_path = Path(to_absolute_path(cfg.samples))  # the user's file: from where the command runs
     except MissingMandatoryValue:
         raise ConfigError(
             "No samples file given. Pass samples=PATH, a JSONL file with one "
@@ -42,9 +43,9 @@ def evaluate_from_config(cfg: DictConfig) -> Path:
     results = evaluate_samples(
         cfg.benchmark.name,
         samples,
-        data_dir=to_absolute_path(cfg.data_dir) if cfg.data_dir else None,
+        data_dir=project_path(cfg.data_dir) if cfg.data_dir else None,
         n_workers=cfg.n_workers,
-        cache_dir=to_absolute_path(cfg.cache_dir) if cfg.cache_dir else None,
+        cache_dir=project_path(cfg.cache_dir) if cfg.cache_dir else None,
         progress=cfg.progress,
         sandbox_config=sandbox_config,
         limits=limits,

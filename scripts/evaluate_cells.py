@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from eval.cli import exit_on_harness_error
 from eval.errors import HarnessError
 from eval.store import Cell, read_json
 
@@ -50,8 +51,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_harness_error(ctrl_c=None):
         main(sys.argv[1:])
-    except HarnessError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)

@@ -21,7 +21,7 @@ from eval.runner import build_protocol, load_tokenizer, select_tasks
 
 
 @hydra.main(config_path="../configs", config_name="inspect_prompts", version_base="1.3")
-@exit_on_harness_error
+@exit_on_harness_error()
 def main(cfg: DictConfig) -> None:
     protocol = build_protocol(cfg, load_tokenizer(cfg))
     benchmark, condition = cfg.benchmark.name, cfg.anchor.condition

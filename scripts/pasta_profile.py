@@ -151,7 +151,7 @@ def write_profile(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="pasta_profile", version_base="1.3")
-@exit_on_harness_error
+@exit_on_harness_error()
 def main(cfg: DictConfig) -> None:
     write_profile(cfg)
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from eval.cli import check_group_overrides, check_unknown_keys
-from eval.errors import HarnessError
+from eval.cli import check_group_overrides, check_unknown_keys, exit_on_harness_error
 from eval.experiments.plan import plan, render
 
 
@@ -34,8 +33,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_harness_error(ctrl_c=None):
         main(sys.argv[1:])
-    except HarnessError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)

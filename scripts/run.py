@@ -19,7 +19,7 @@ from eval.runner import run_cell, run_group
 
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
-@exit_on_harness_error
+@exit_on_harness_error()
 def main(cfg: DictConfig) -> None:
     if cfg.cells:
         run_group(cell_configs(cfg))

@@ -239,19 +239,20 @@ def decode(
     def row_width(prompt_index: int) -> int:
         return max(len(prompts[prompt_index]), len(masked[prompt_index]) if masked is not None else 0)
 
-    def identical_views(prompt_index: int) -> tuple:
-        return (tuple(prompts[prompt_index]), tuple(masked[prompt_index]) if masked is not None else None,
-                tuple(masked_keep[prompt_index]) if masked_keep is not None else None)
-
-    first_of: dict[tuple, int] = {}
-    twin = [first_of.setdefault(identical_views(p), p) for p in range(len(prompts))]  # first prompt with the same views
-    # One sequence per (prompt, sample) with new tokens to make. A chunk holds sequences that need the same views;
-    # widest first so that chunks hold prompts of similar length, and identical views side by side so that they
-    # land in one chunk and are prefilled once.
+    # Chunks hold sequences that need the same views; widest first so that chunks hold prompts of similar length,
+    # and one prompt's sequences side by side (its anchor conditions, then identical masked views: its omegas and
+    # samples), so that they land in one chunk and share the rows they have in common (see _decode_chunk).
+    first_original: dict[tuple, int] = {}
+    first_masked: dict[tuple, int] = {}
+    same_original = [first_original.setdefault(tuple(prompt), p) for p, prompt in enumerate(prompts)]
+    same_masked = [first_masked.setdefault((tuple(masked[p]) if masked is not None else (),
+                                            tuple(masked_keep[p]) if masked_keep is not None else ()), p)
+                   for p in range(len(prompts))]
     sequences = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
     results: list[list[int]] = [[] for _ in sequences]
     order = sorted((i for i, (p, _) in enumerate(sequences) if budgets[p] > 0),
-                   key=lambda i: (views_for(omegas[sequences[i][0]]), -row_width(sequences[i][0]), twin[sequences[i][0]]))
+                   key=lambda i: (views_for(omegas[sequences[i][0]]), -row_width(sequences[i][0]),
+                                  same_original[sequences[i][0]], same_masked[sequences[i][0]]))
     chunks = []
     for views, members in itertools.groupby(order, key=lambda i: views_for(omegas[sequences[i][0]])):
         members = list(members)
@@ -269,7 +270,6 @@ def decode(
             [budgets[p] for p, _ in keys],
             omegas=[omegas[p] for p, _ in keys],
             views=views,
-            twins=[twin[p] for p, _ in keys],
             eos_ids=eos_ids,
             modulated_by_prob=modulated_by_prob,
             stopping_criteria=stopping_criteria,
@@ -386,6 +386,19 @@ def _budgets(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
     return budgets
 
 
+def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that are equal in every one of ``columns`` (tensors of one row count): (the index of the first row of
+    each distinct kind, in row order; for every row, the position of its kind among them)."""
+    key = torch.cat([column.long() for column in columns], dim=1)
+    _, kind = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(kind), device=key.device)
+    first = torch.full((int(kind.max()) + 1,), len(kind), device=key.device).scatter_reduce(0, kind, rows, reduce="amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=key.device)
+    return first[order], rank[kind]
+
+
 @torch.inference_mode()
 def _decode_chunk(
     model,
@@ -397,7 +410,6 @@ def _decode_chunk(
     *,
     omegas: list[float],
     views: tuple[str, ...],
-    twins: list[int],
     eos_ids: list[int],
     modulated_by_prob: bool,
     stopping_criteria: Sequence[StoppingCriterion],
@@ -410,17 +422,14 @@ def _decode_chunk(
     device = model_device(model)
     n = len(prompts)
     n_views = len(views)
-    # Sequences with identical views (the same ``twins`` entry: one prompt at several omegas, or its samples) have
-    # the same prefill: it runs once, on the first of them, and the cache rows are copied to the others after the
-    # first forward. Instrumented runs (observer, before_forward) see every row, so they share nothing.
+    batch = build_views(prompts, masked, views=views, masked_keep=masked_keep, device=device)
+    n_rows = batch.input_ids.shape[0]
+    # Identical rows (one prompt's original view under every anchor condition and omega, a masked view under every
+    # omega, a prompt's samples) are prefilled once: ``distinct`` holds one row of each kind and ``copy_of`` the one
+    # each row copies after the first forward. Instrumented runs (observer, before_forward) see every row.
     share = observer is None and before_forward is None
-    first_with: dict[int, int] = {}
-    owner = [first_with.setdefault(key, i) if share else i for i, key in enumerate(twins)]
-    unique = sorted(set(owner))
-    expand = torch.tensor([unique.index(o) for o in owner], device=device)
-    expand_rows = (expand[:, None] * n_views + torch.arange(n_views, device=device)).flatten() if len(unique) < n else None
-    batch = build_views([prompts[i] for i in unique], [masked[i] for i in unique] if masked is not None else None, views=views,
-                        masked_keep=[masked_keep[i] for i in unique] if masked_keep is not None else None, device=device)
+    every = torch.arange(n_rows, device=device)
+    distinct, copy_of = distinct_rows(batch.input_ids, batch.attention_mask, batch.position_ids) if share else (every, every)
     # The weights on each view, formed in float64 and rounded once, as combine_logits forms them.
     weights = torch.tensor(omegas, dtype=torch.float64, device=device)[:, None]
     weight_original, weight_masked = weights.float(), (1.0 - weights).float()
@@ -459,19 +468,23 @@ def _decode_chunk(
         return combine_logits(last[0::2], last[1::2], weights[active], modulated_by_prob)
 
     # Both views agree up to the first differing token (spa.views aligns those columns even when the
-    # views differ in length): that prefix is prefilled once, on the first view's rows, and copied.
+    # views differ in length): that prefix is prefilled once per distinct prefix and its cache copied to the rows.
     shared = batch.shared
     if shared > 0:
-        first = batch.rows(views[0])
-        if before_forward is not None:
-            before_forward(sequence_keys, batch.attention_mask[first, :shared])
-        model.base_model(input_ids=batch.input_ids[first, :shared], attention_mask=batch.attention_mask[first, :shared],
-                         position_ids=batch.position_ids[first, :shared], past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(n_views)
+        if share:
+            prefix_rows, prefix_of = distinct_rows(*(t[distinct, :shared] for t in (batch.input_ids, batch.attention_mask, batch.position_ids)))
+            prefix_rows = distinct[prefix_rows]
+        else:
+            prefix_rows, prefix_of = every[batch.rows(views[0])], every // n_views
+            if before_forward is not None:
+                before_forward(sequence_keys, batch.attention_mask[prefix_rows, :shared])
+        model.base_model(input_ids=batch.input_ids[prefix_rows, :shared], attention_mask=batch.attention_mask[prefix_rows, :shared],
+                         position_ids=batch.position_ids[prefix_rows, :shared], past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(prefix_of)
     active = torch.arange(n, device=device)  # chunk indices of unfinished sequences
-    scores = forward(0, batch.input_ids[:, shared:], batch.attention_mask, batch.position_ids[:, shared:], expand_rows)
-    every_row = expand_rows if expand_rows is not None else slice(None)
-    attention = batch.attention_mask[every_row]
+    scores = forward(0, batch.input_ids[distinct, shared:], batch.attention_mask[distinct], batch.position_ids[distinct, shared:],
+                     copy_of if len(distinct) < n_rows else None)
+    attention = batch.attention_mask
     if bool(scores.isnan().any()):
         # Seen with transformers' eager attention in float64 on left-padded batches: fully masked padding
         # rows become NaN and spread. Fail loudly instead of decoding garbage.
@@ -488,7 +501,7 @@ def _decode_chunk(
     budget = torch.tensor(budgets, device=device)
     generated = torch.zeros(n, max(budgets), dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
-    next_position = batch.position_ids[every_row, -1:] + 1
+    next_position = batch.position_ids[:, -1:] + 1
     for step in range(max(budgets)):
         if sampling.do_sample:
             for warper in warpers:

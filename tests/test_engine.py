@@ -124,6 +124,32 @@ def test_per_prompt_omegas_equal_each_prompt_decoded_alone_and_share_the_prefill
         spa.decode(tiny_model, prompts, masks, omega=[1.0, 1.3], mask_token_id=MASK_ID, max_new_tokens=8)
 
 
+def test_anchor_conditions_share_the_original_view_and_omegas_their_masked_view(tiny_model):
+    """A group job's chunk: each prompt under two anchor conditions at two omegas. The original view is one row
+    per prompt whatever the anchor and omega, each masked view one row per anchor condition: only the distinct
+    rows are prefilled, and every sequence gets what it gets alone."""
+    base, _ = random_prompts([12, 12, 12], seed=7)  # one length: every prompt has a real shared prefix
+    conditions = [lambda n: [n // 4 <= i < n // 2 for i in range(n)], lambda n: [n // 3 <= i < (3 * n) // 4 for i in range(n)]]
+    omegas = [1.3, 2.0]
+    cells = [(p, condition(len(p)), omega) for p in base for condition in conditions for omega in omegas]
+    prompts, masks, every = (list(column) for column in zip(*cells))
+    spa.engine.head_is_affine(tiny_model)  # its one-time probe forward, out of the way
+    forwards = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(lambda module, args, output: forwards.append(tuple(args[0].shape)))
+    try:
+        together = spa.decode(tiny_model, prompts, masks, omega=every, mask_token_id=MASK_ID, max_new_tokens=8)
+    finally:
+        hook.remove()
+    alone = [spa.decode(tiny_model, [p], [m], omega=o, mask_token_id=MASK_ID, max_new_tokens=8)[0] for p, m, o in cells]
+    assert together == alone
+    assert len(set(map(tuple, together))) > 1, "the comparison needs the conditions to decode differently"
+    prefix, rest = forwards[0], forwards[1]  # the shared prefix of both views, then the columns after it
+    assert prefix[0] == len(base), "one prefix row per prompt"
+    assert rest[0] == len(base) * (1 + len(conditions)), "one original row per prompt, one masked row per condition"
+    assert forwards[2][0] == 2 * len(cells), "decoding steps run every sequence's two rows"
+    assert spa.decode(tiny_model, prompts, masks, omega=every, mask_token_id=MASK_ID, max_new_tokens=8, batch_size=3) == alone
+
+
 def test_equals_transformers_classifier_free_guidance(tiny_model):
     prompts, masks = random_prompts([10, 15])
     omega = 1.5

@@ -462,7 +462,7 @@ def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_writes_every_table_and_nothing_else(runs: Path, tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "runs_dir=runs", "out_dir=out", "what=tables")
+    result = run_cli(tmp_path, f"runs_dir={runs}", f"out_dir={tmp_path / 'out'}", "what=tables")
     assert result.returncode == 0, result.stderr
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
     stems = ["figure4_omega", "table1", "table2", "table3"]
@@ -480,11 +480,36 @@ def test_cli_corrupt_json_exits_2_and_writes_nothing(runs: Path, tmp_path: Path)
     (out / "tables" / "table1.csv").write_text("earlier results\n")
     broken = runs / "table1" / "deepseek-coder-6.7b-instruct" / "humaneval" / "evalplus" / "none" / "omega=1.0" / "manifest.json"
     broken.write_text("{not json")
-    result = run_cli(tmp_path, "runs_dir=runs", "out_dir=out")
+    result = run_cli(tmp_path, f"runs_dir={runs}", f"out_dir={out}")
     assert result.returncode == 2
     assert str(broken) in result.stderr and "Traceback" not in result.stderr
     assert (out / "tables" / "table1.csv").read_text() == "earlier results\n"
     assert sorted(p.name for p in out.rglob("*")) == ["table1.csv", "tables"]
+
+
+def test_cli_takes_relative_paths_from_the_project_root_wherever_it_runs(runs: Path, tmp_path: Path, monkeypatch, capsys):
+    # The project root is tmp_path here (eval.experiments.settings.project_path reads it), so that nothing is
+    # written into the real project's results/; the command runs from another folder, with relative paths.
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from eval.experiments import settings
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(settings, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(elsewhere)
+    script = REPO_ROOT / "scripts" / "aggregate.py"
+    argv = [str(script), "bootstrap_resamples=1000", "runs_dir=runs", "out_dir=out", "what=tables"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+    assert (tmp_path / "out" / "tables" / "table1.csv").is_file() and (tmp_path / "out" / "provenance.json").is_file()
+    assert list(elsewhere.iterdir()) == []
+    assert f"files under {tmp_path / 'out'}" in capsys.readouterr().err
 
 
 def test_bad_options_are_config_errors_with_exit_code_2(runs: Path, tmp_path: Path) -> None:

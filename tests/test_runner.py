@@ -353,8 +353,8 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes(make_cfg, monkeypatch, cap
 
     monkeypatch.setattr(runner, "decode_inputs", interrupted_in_the_second_batch)
     cfg = make_cfg("spa.omega=1.3", "generation.batch_size=1")
-    with pytest.raises(SystemExit) as stop:
-        exit_on_harness_error(run_cell)(cfg)
+    with pytest.raises(SystemExit) as stop, exit_on_harness_error():
+        run_cell(cfg)
     assert stop.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -117,7 +117,9 @@ def test_bad_anchors_are_clear_errors(tokenizers):
 
 
 def test_mask_token_resolution(tokenizers):
-    assert spa.resolve_mask_token_id(tokenizers["deepseek-coder-instruct"]) == 32014  # <pad>, as the authors
+    # auto: DeepSeek-Coder's declared pad token <｜end▁of▁sentence｜>; the authors named the added "<pad>" (32018).
+    assert spa.resolve_mask_token_id(tokenizers["deepseek-coder-instruct"]) == 32014
+    assert spa.resolve_mask_token_id(tokenizers["deepseek-coder-instruct"], "<pad>") == 32018
     assert spa.resolve_mask_token_id(tokenizers["codellama-7b"]) == 0  # <unk>, as the authors
     assert spa.resolve_mask_token_id(tokenizers["codegen-350m-mono"], " ") == 220  # a space, as the authors
     assert spa.resolve_mask_token_id(tokenizers["codellama-7b"], "<unk>") == 0

@@ -19,17 +19,14 @@ import gzip
 import json
 import os
 import reprlib
-import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from eval.benchmarks.data import benchmark_spec, dataset_sha256, load_tasks
 from eval.errors import ConfigError, HarnessError
 from eval.execution.groundtruth import PHASES, GroundTruth, TaskTruth, oracle_kind
+from eval.execution.pool import parallel
 from eval.execution.sandbox import PASS, Phase, PhaseVerdict, Sandbox, SandboxConfig, Suite
 
 STATUSES = ("pass", "fail", "timeout", "error")
@@ -177,23 +174,6 @@ def evaluate_samples(
     verdicts = dict(zip(order, parallel(judge, order, sandbox.n_workers, progress, f"{benchmark} samples")))
     results = _results(benchmark, sha256, tasks, programs, [verdicts[k] for k in range(len(programs))], sandbox, limits)
     return {**results, "dataset_version": spec.version}
-
-
-def parallel(work, items: list, n_workers: int, progress: bool, description: str) -> list:
-    """``[work(item) for item in items]`` on ``n_workers`` threads (each drives one child process)."""
-    results: list = [None] * len(items)
-    with ThreadPoolExecutor(max_workers=n_workers) as pool, tqdm(
-        total=len(items), desc=description, disable=not progress, file=sys.stderr, leave=False
-    ) as bar:
-        futures = {pool.submit(work, item): k for k, item in enumerate(items)}
-        try:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return results
 
 
 _input_repr = reprlib.Repr()

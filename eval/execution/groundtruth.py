@@ -20,6 +20,7 @@ from pathlib import Path
 
 from eval.benchmarks.data import REPO_ROOT
 from eval.errors import HarnessError
+from eval.execution.pool import parallel
 from eval.execution.sandbox import Phase, PhaseVerdict, Recording, Sandbox, Suite
 
 DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache" / "groundtruth"
@@ -78,8 +79,6 @@ class GroundTruth:
         progress: bool = True,
     ) -> GroundTruth:
         """The ground truth of the ``needed`` tasks (default: all), computing only what the cache lacks."""
-        from eval.execution.evaluate import parallel
-
         needed = list(tasks) if needed is None else list(dict.fromkeys(needed))
         cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         version = f"{sys.version_info.major}{sys.version_info.minor}"
