@@ -86,6 +86,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import bench_decoding as bd  # noqa: E402
 import spa  # noqa: E402
+from eval.benchmarks.data import data_dir as shared_data_dir, file_sha256  # noqa: E402  (standard library only: safe on the device)
 
 MODEL_CONFIG = REPO_ROOT / "configs" / "model" / "deepseek-coder-1.3b-instruct.yaml"
 PROTOCOL_CONFIG = REPO_ROOT / "configs" / "protocol" / "evalplus.yaml"
@@ -132,10 +133,6 @@ def time_limit(seconds: float):
 
 
 # --------------------------------------------------------------------------------------------- measuring
-def synchronize(device: torch.device) -> None:
-    bd.synchronize(device)
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,10 +153,10 @@ def mib(value: int | None) -> float | None:
 def timed(run, device: torch.device):
     """(outputs, seconds, peak bytes allocated during the call) of ``run()``."""
     reset_peak(device)
-    synchronize(device)
+    bd.synchronize(device)
     start = time.perf_counter()
     outputs = run()
-    synchronize(device)
+    bd.synchronize(device)
     return outputs, time.perf_counter() - start, peak_bytes(device)
 
 
@@ -233,7 +230,7 @@ def harness_inputs(data_dir: Path, tokenizer_dir: Path) -> dict:
     the evalplus protocol and DeepSeek-Coder-1.3B-Instruct's model config read from configs/, SPA's masking)."""
     import yaml
 
-    from eval.benchmarks.data import benchmark_spec, dataset_sha256, file_sha256
+    from eval.benchmarks.data import benchmark_spec, dataset_sha256
     from eval.benchmarks.protocols import ProtocolSettings, make_protocol
 
     settings = ProtocolSettings.from_config(yaml.safe_load(PROTOCOL_CONFIG.read_text()))
@@ -262,7 +259,6 @@ def harness_inputs(data_dir: Path, tokenizer_dir: Path) -> dict:
 
 def staged_inputs(data_dir: Path) -> dict:
     """--stage's inputs file, its data file's sha256 checked (eval.benchmarks.data imports evalplus only to load tasks)."""
-    from eval.benchmarks.data import file_sha256
 
     path = data_dir / INPUTS_FILE
     if not path.exists():
@@ -495,12 +491,12 @@ class Bench:
         with torch.inference_mode():
             for first in range(0, len(tasks), per_call):  # as eval/runner.py: batch_size tasks per spa.decode call
                 chunk = tasks[first : first + per_call]
-                synchronize(self.device)
+                bd.synchronize(self.device)
                 began = time.perf_counter()
                 outputs = spa.decode(self.model, [t["input_ids"] for t in chunk], omega=bd.OMEGA,
                                      masked_prompts=[t["masked_input_ids"] for t in chunk], max_new_tokens=new_tokens,
                                      eos_token_id=None, batch_size=per_call)
-                synchronize(self.device)
+                bd.synchronize(self.device)
                 entry["chunk_seconds"].append(time.perf_counter() - began)
                 entry["completed_tasks"] += len(chunk)
                 entry["generated_tokens"] += sum(map(len, outputs))
@@ -595,7 +591,7 @@ def default_data_dir() -> Path:
     staged = REPO_ROOT / "results" / "cache" / "device"
     if (staged / INPUTS_FILE).exists():
         return staged
-    return Path(os.environ.get("SPA_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+    return shared_data_dir()
 
 
 def main() -> None:
@@ -658,7 +654,7 @@ def main() -> None:
         "parts": {},
     }
     bench = Bench(args, settings, device, dtype, report, out, model, started)
-    synchronize(device)
+    bd.synchronize(device)
     bench.weights = allocated_bytes(device)
     report["build_seconds"] = time.perf_counter() - started
     log(f"bench_gpu ({mode}): {report['environment']['gpu'] or report['environment']['cpu']}, torch {torch.__version__}, "
